@@ -1,0 +1,1 @@
+"""normswap: rewrite the normalisation of trained PyTorch models."""

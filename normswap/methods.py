@@ -1,0 +1,1 @@
+"""Registers the built-in methods (imported lazily by the registry)."""
