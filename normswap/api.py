@@ -1,0 +1,193 @@
+"""The public API, composition only: swap(), inspect(), fold(), export_onnx(), save()/load()."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import fx, nn
+
+from .errors import NormswapError, TracingError
+from .passes._match import batchnorm_like_modules, find_untraceable, trace
+from .passes.swap_norm import refuse_if_strict, swap_modules, swap_norm
+from .registry import get_method
+from .report import PassReport
+from .verify import default_example_inputs, verify_equivalence
+
+__all__ = ["swap", "inspect", "fold"]
+
+log = logging.getLogger(__name__)
+
+
+def _as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def _trace_or_explain(model: nn.Module, leaf_modules: Sequence[str],
+                      report: PassReport) -> fx.GraphModule | None:
+    """Trace, or record in the report which modules broke tracing and return None."""
+    try:
+        return trace(model, leaf_modules)
+    except Exception as exc:  # noqa: BLE001 - any fx failure leads to the fallback
+        culprits = find_untraceable(model, leaf_modules)
+        names = ", ".join(f"'{q}' ({c})" for q, c, _ in culprits) or f"'<root>' ({exc})"
+        report.warn(f"could not trace the model with torch.fx: {names} "
+                    f"({culprits[0][2] if culprits else type(exc).__name__}); "
+                    "falling back to module replacement. To keep the graph, pass "
+                    f"leaf_modules={[q for q, _, _ in culprits if q != '<root>']!r}")
+        report.metrics["untraceable"] = [q for q, _, _ in culprits]
+        return None
+
+
+def swap(model: nn.Module, method: str, *, example_inputs: Any = None, verify: bool = True,
+         rtol: float = 1e-4, strict: bool = True, leaf_modules: Sequence[str] = (),
+         **options: Any) -> nn.Module:
+    """Return a copy of ``model`` with every BatchNorm replaced by ``method``.
+
+    The caller's model is never modified. The returned module carries ``normswap_report``
+    (a :class:`~normswap.report.PassReport`): every node changed, every node declined and why,
+    the state_dict key map and the verification result.
+
+    Args:
+        model: any ``nn.Module`` holding BatchNorms (trained or not).
+        method: a registered method name (``"l1"``, ``"linf"``, ``"kalman"``, ``"normprop"``,
+            ``"selu"``; spellings like ``"L1_BN"`` work).
+        example_inputs: a tensor or tuple of inputs for the equivalence check; guessed from the
+            first layer when omitted.
+        verify: check eval-mode equivalence for methods that claim it.
+        rtol: tolerance of that check, ``max|Δ| / max|reference|``.
+        strict: raise :class:`UnsupportedNodeError` when any normalisation cannot be swapped;
+            with ``strict=False`` it is kept as is and listed in the report.
+        leaf_modules: qualified names of submodules the tracer must not enter.
+        **options: method options (``k`` for linf, ``gain`` for kalman, ``init`` for selu ...).
+
+    Returns:
+        The rewritten model (an ``fx.GraphModule`` when the model could be traced), in the same
+        train/eval mode as ``model``.
+
+    Raises:
+        UnknownMethodError, UnsupportedNodeError, TracingError, NumericalMismatchError.
+    """
+    m = get_method(method)
+    t0 = time.perf_counter()
+    report = PassReport(title=f"normswap swap -> {m.name}")
+    was_training = model.training
+    work = copy.deepcopy(model).eval()
+    gm = _trace_or_explain(work, leaf_modules, report)
+    result: nn.Module
+    if gm is None:
+        if m.factory is None:
+            raise TracingError(
+                f"method '{m.name}' needs the model's graph, but tracing failed: "
+                f"{report.warnings[-1].message}")
+        result, sub = swap_modules(work, m.factory, method=m.name, **options)
+        report.extend(sub)
+        if m.post_pass is not None:
+            report.warn(f"no graph: '{m.name}' layers work without graph context "
+                        "(e.g. Kalman layers get no propagated prior)")
+    elif m.graph_pass is not None:
+        result, sub = m.graph_pass(gm, strict=strict, **options)
+        report.extend(sub)
+    else:
+        result, sub = swap_norm(gm, m.factory, source=work, method=m.name, **options)
+        report.extend(sub)
+        if m.post_pass is not None:
+            result, post = m.post_pass(result, **options)
+            report.extend(post)
+    leftover = [q for q, _ in batchnorm_like_modules(result)]
+    for q in leftover:
+        if not any(getattr(s, "node", None) == q for s in report.skips):
+            report.skip(q, type(result.get_submodule(q)).__name__,
+                        "BatchNorm module not reached by the traced forward (unused in eval, "
+                        "or hidden behind a leaf module); left as is")
+    refuse_if_strict(report, strict and m.graph_pass is None)
+    report.metrics["swap_seconds"] = round(time.perf_counter() - t0, 4)
+    if verify and m.eval_exact:
+        _verify(model, result, example_inputs, rtol, report)
+    elif not m.eval_exact:
+        report.warn(f"'{m.name}' changes the function: outputs are not expected to match the "
+                    "original; fine-tune (or retrain) the converted model")
+    else:
+        report.note("equivalence check skipped (verify=False)")
+    result.train(was_training)
+    result.normswap_report = report  # type: ignore[assignment]
+    result.normswap_method = {"method": m.name, "options": _plain(options),
+                              "leaf_modules": list(leaf_modules), "strict": strict}
+    log.info("swap -> %s: %d changed, %d skipped", m.name, len(report.changes),
+             len(report.skips))
+    return result
+
+
+def _plain(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def _verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, rtol: float,
+            report: PassReport) -> None:
+    inputs = _as_inputs(example_inputs)
+    if inputs is None:
+        gm = rewritten if isinstance(rewritten, fx.GraphModule) else None
+        inputs = default_example_inputs(rewritten, gm)
+        if inputs is None:
+            report.warn("equivalence NOT verified: could not guess an input; pass "
+                        "example_inputs=...")
+            return
+        report.note(f"verified on a generated input of shape {list(inputs[0].shape)}")
+    pairs = [(c.node, c.node) for c in report.changes]
+    t0 = time.perf_counter()
+    try:
+        res = verify_equivalence(original, rewritten, inputs, rtol=rtol, layer_pairs=pairs)
+    except NormswapError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the guessed input may not suit the model
+        if example_inputs is None:
+            report.warn(f"equivalence NOT verified: the generated input failed "
+                        f"({type(exc).__name__}: {exc}); pass example_inputs=...")
+            return
+        raise
+    report.metrics.update(res.as_metrics())
+    report.metrics["verify_seconds"] = round(time.perf_counter() - t0, 4)
+    report.note(f"eval outputs match the original: relative error {res.rel:.2e} "
+                f"(max abs {res.max_abs:.2e}, rtol {rtol:g})")
+
+
+def inspect(model: nn.Module, methods: Iterable[str] | None = None, *,
+            leaf_modules: Sequence[str] = ()) -> dict[str, PassReport]:
+    """What each method would do to ``model``, layer by layer (nothing is verified or kept).
+
+    Returns:
+        A report per method name; a method that refuses the model gets a report whose single
+        skip carries the error message.
+    """
+    from .registry import available_methods
+
+    out: dict[str, PassReport] = {}
+    for name in methods or available_methods():
+        try:
+            out[name] = swap(model, name, verify=False, strict=False,
+                             leaf_modules=leaf_modules).normswap_report
+        except NormswapError as exc:
+            rep = PassReport(title=f"normswap swap -> {name}")
+            rep.skip("<model>", type(model).__name__, str(exc))
+            out[name] = rep
+    return out
+
+
+def fold(model: nn.Module, *, leaf_modules: Sequence[str] = (), example_inputs: Any = None,
+         verify: bool = True, rtol: float = 1e-4) -> nn.Module:
+    """Fold eval-mode normalisations and weight norms into plain weights (a copy; see
+    :func:`normswap.passes.fold_conv_bn.fold_model`). The result carries ``normswap_report``."""
+    from .passes.fold_conv_bn import fold_model
+
+    folded, report = fold_model(model, leaf_modules=leaf_modules)
+    if verify:
+        _verify(model, folded, example_inputs, rtol, report)
+    folded.normswap_report = report  # type: ignore[assignment]
+    return folded

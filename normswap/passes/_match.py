@@ -1,0 +1,132 @@
+"""Shared matching for the passes: which modules are BatchNorms, and an fx tracer that keeps
+them (and normswap's own layers) as leaves while tracing through BN subclasses that add
+behaviour in their own ``forward``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    "BN_TYPES",
+    "NormTracer",
+    "trace",
+    "is_batchnorm",
+    "is_frozen_batchnorm",
+    "overrides_forward",
+    "is_normswap_layer",
+    "batchnorm_like_modules",
+    "FUNCTIONAL_BATCH_NORM",
+    "find_untraceable",
+]
+
+log = logging.getLogger(__name__)
+
+BN_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+)
+FUNCTIONAL_BATCH_NORM = (F.batch_norm, torch.batch_norm)
+
+
+def is_frozen_batchnorm(m: nn.Module) -> bool:
+    """torchvision's FrozenBatchNorm2d (and look-alikes): BN whose parameters are buffers."""
+    return (type(m).__name__.startswith("FrozenBatchNorm")
+            and all(hasattr(m, a) for a in ("weight", "bias", "running_mean", "running_var")))
+
+
+def overrides_forward(m: nn.Module) -> bool:
+    """True when a BatchNorm subclass defines its own forward (extra behaviour to keep)."""
+    if not isinstance(m, _BatchNorm) or type(m) in BN_TYPES:
+        return False
+    for base in type(m).__mro__:
+        if base in BN_TYPES or base is _BatchNorm:
+            return type(m).forward is not base.forward
+    return True
+
+
+def is_batchnorm(m: nn.Module) -> bool:
+    """Any BatchNorm form a swap replaces: torch BNs, SyncBN, subclasses, frozen BNs."""
+    return isinstance(m, _BatchNorm) or is_frozen_batchnorm(m)
+
+
+def is_normswap_layer(m: nn.Module) -> bool:
+    """Layers defined by normswap itself (kept as leaves when tracing)."""
+    return type(m).__module__.startswith("normswap.norms")
+
+
+def batchnorm_like_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every BatchNorm-family module with its qualified name."""
+    return [(n, m) for n, m in model.named_modules() if is_batchnorm(m)]
+
+
+class NormTracer(fx.Tracer):
+    """Tracer with BatchNorms and normswap layers as leaves.
+
+    BatchNorm subclasses that override ``forward`` are traced through, so the extra behaviour
+    they add (an activation, a dropout) stays in the graph and only their ``F.batch_norm``
+    call is replaced.
+    """
+
+    def __init__(self, leaf_modules: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.leaf_names = set(leaf_modules)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names:
+            return True
+        if is_normswap_layer(m) or is_frozen_batchnorm(m):
+            return True
+        if isinstance(m, _BatchNorm):
+            return not overrides_forward(m)
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
+    """Trace ``model`` with :class:`NormTracer`; raises whatever fx raises."""
+    tracer = NormTracer(leaf_modules)
+    graph = tracer.trace(model)
+    name = type(model).__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
+    gm.train(model.training)
+    return gm
+
+
+def _trace_error(module: nn.Module, leaf_modules: Iterable[str]) -> Exception | None:
+    try:
+        NormTracer(leaf_modules).trace(module)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure counts
+        return exc
+    return None
+
+
+def find_untraceable(model: nn.Module, leaf_modules: Iterable[str] = (),
+                     max_depth: int = 6) -> list[tuple[str, str, str]]:
+    """Locate the deepest submodules whose own forward cannot be traced.
+
+    Returns ``(qualified_name, class_name, error)`` for each culprit; the root itself when no
+    child is to blame.
+    """
+    leaves = set(leaf_modules)
+
+    def visit(prefix: str, mod: nn.Module, depth: int) -> list[tuple[str, str, str]]:
+        err = _trace_error(mod, [])
+        if err is None:
+            return []
+        found: list[tuple[str, str, str]] = []
+        if depth < max_depth:
+            for name, child in mod.named_children():
+                q = f"{prefix}.{name}" if prefix else name
+                if q in leaves or is_batchnorm(child):
+                    continue
+                found.extend(visit(q, child, depth + 1))
+        if not found:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            found.append((prefix or "<root>", type(mod).__name__, f"{type(err).__name__}: {first}"))
+        return found
+
+    return visit("", model, 0)

@@ -1,0 +1,279 @@
+"""The swap: every BN form, eval equivalence with randomised statistics, the report, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normswap
+from normswap.errors import (
+    NumericalMismatchError,
+    TracingError,
+    UnknownMethodError,
+    UnsupportedNodeError,
+)
+from normswap.passes._match import batchnorm_like_modules
+from normswap.registry import register_norm
+
+from .conftest import assert_same_state, randomize_bn, rel_err, state_snapshot
+
+METHODS = ["l1", "linf", "kalman"]
+
+
+class Net(nn.Module):
+    """BN1d/2d/3d, a residual add, a concat, grouped conv, Linear+BN1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
+        self.b2 = nn.BatchNorm2d(8)
+        self.c3 = nn.Conv3d(1, 4, 3, padding=1)
+        self.b3 = nn.BatchNorm3d(4)
+        self.fc = nn.Linear(16 + 4, 12)
+        self.b4 = nn.BatchNorm1d(12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.b1(self.c1(x)))
+        y = y + self.b2(self.c2(y))
+        a = torch.cat([y.mean((2, 3)), y.amax((2, 3))], 1)
+        v = self.b3(self.c3(x[:, :1].unsqueeze(2).repeat(1, 1, 2, 1, 1))).mean((2, 3, 4))
+        return self.b4(self.fc(torch.cat([a, v], 1)))
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(Net()).eval()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_swap_is_eval_exact_and_leaves_no_bn(method: str) -> None:
+    model = _net()
+    x = torch.randn(4, 3, 16, 16)
+    before = state_snapshot(model)
+    out = normswap.swap(model, method, example_inputs=x)
+    assert not batchnorm_like_modules(out)
+    assert_same_state(before, state_snapshot(model))  # caller's model untouched
+    with torch.no_grad():
+        assert rel_err(out.eval()(x), model(x)) < 1e-5
+    rep = out.normswap_report
+    assert len(rep.changes) == 4
+    assert {c.node for c in rep.changes} == {"b1", "b2", "b3", "b4"}
+    assert rep.metrics["verify.passed"] is True
+    assert rep.metrics["verify.rel"] < 1e-5
+    data = json.loads(rep.to_json())
+    assert normswap.PassReport.from_dict(data).to_dict() == data
+    assert "b1" in rep.table()
+
+
+def test_key_map_lists_renamed_keys_and_kalman_keeps_bn_keys() -> None:
+    model = _net()
+    l1 = normswap.swap(model, "l1")
+    assert l1.normswap_report.key_map["b1.running_var"] == "b1.running_scale"
+    kal = normswap.swap(model, "kalman")
+    assert kal.normswap_report.key_map == {}
+    assert set(kal.state_dict()) == set(model.state_dict())
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            assert torch.equal(kal.state_dict()[k], v), k
+
+
+def test_training_mode_preserved_and_model_untouched() -> None:
+    model = _net().train()
+    before = state_snapshot(model)
+    out = normswap.swap(model, "l1", example_inputs=torch.randn(2, 3, 8, 8))
+    assert out.training and model.training
+    assert all(m.training for m in model.modules())
+    assert_same_state(before, state_snapshot(model))
+
+
+class BNAct(nn.BatchNorm2d):
+    """A BN subclass adding behaviour in its forward (like timm's BatchNormAct2d)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.act = nn.LeakyReLU(0.3)
+        self.register_buffer("offset", torch.full((1, c, 1, 1), 0.25))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum or 0.0, self.eps)
+        return self.act(y) + self.offset
+
+
+class PlainSubBN(nn.BatchNorm2d):
+    """A subclass that adds nothing to forward."""
+
+
+class FunctionalBN(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 1)
+        self.register_buffer("mu", torch.randn(c) * 0.1)
+        self.register_buffer("var", torch.rand(c) + 0.5)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+        self.beta = nn.Parameter(torch.randn(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(self.conv(x), self.mu, self.var, self.gamma, self.beta, False, 0.1,
+                            1e-3)
+
+
+class SubNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.bnact = BNAct(6)
+        self.sub = PlainSubBN(6)
+        self.func = FunctionalBN(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sub(self.bnact(self.conv(x)))[..., 1:-1, 1:-1] + self.func(x)[..., 2:-2, 2:-2]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_subclasses_and_functional_batch_norm_keep_behaviour(method: str) -> None:
+    model = randomize_bn(SubNet()).eval()
+    x = torch.randn(2, 3, 12, 12)
+    out = normswap.swap(model, method, example_inputs=x)
+    with torch.no_grad():
+        assert rel_err(out.eval()(x), model(x)) < 1e-5
+    assert not batchnorm_like_modules(out)
+    nodes = {c.node for c in out.normswap_report.changes}
+    assert {"bnact", "sub", "func"} <= nodes
+    # the subclass's activation and extra buffer survived on the replacement
+    assert isinstance(out.get_submodule("bnact").act, nn.LeakyReLU)
+    assert "bnact.offset" in out.state_dict()
+    assert "func.mu" in out.normswap_report.key_map
+
+
+def test_frozen_and_sync_batchnorm() -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3), nn.SyncBatchNorm(4))
+    with torch.no_grad():
+        for m in (model[1], model[4]):
+            m.running_mean.copy_(torch.randn(4))
+            m.running_var.copy_(torch.rand(4) + 0.5)
+            m.weight.copy_(torch.rand(4) + 0.5)
+            m.bias.copy_(torch.randn(4))
+    model.eval()
+    x = torch.randn(2, 3, 9, 9)
+    for method in METHODS:
+        out = normswap.swap(model, method, example_inputs=x)
+        assert not batchnorm_like_modules(out)
+        assert out.get_submodule("1").frozen is True
+        out.train()  # a frozen layer keeps using running statistics in train mode
+        with torch.no_grad():
+            y = out.get_submodule("1")(torch.randn(2, 4, 5, 5) * 3)
+            out.eval()
+            assert rel_err(out(x), model(x)) < 1e-5
+        assert torch.isfinite(y).all()
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow in a child breaks fx."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.gate = Gate()
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.gate(self.stem(x)))
+
+
+class Gate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return x * 2
+        return x
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_untraceable_model_falls_back_and_names_the_module(method: str) -> None:
+    model = randomize_bn(Untraceable()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    out = normswap.swap(model, method, example_inputs=x)
+    rep = out.normswap_report
+    assert any("'gate' (Gate)" in w.message for w in rep.warnings)
+    assert rep.metrics["untraceable"] == ["gate"]
+    assert not batchnorm_like_modules(out)
+    with torch.no_grad():
+        assert rel_err(out(x), model(x)) < 1e-5
+
+
+def test_leaf_modules_option_keeps_the_graph() -> None:
+    model = randomize_bn(Untraceable()).eval()
+    out = normswap.swap(model, "l1", leaf_modules=["gate"], example_inputs=torch.randn(2, 3, 8, 8))
+    assert isinstance(out, torch.fx.GraphModule)
+    assert not out.normswap_report.warnings
+
+
+def test_graph_method_on_untraceable_model_raises_naming_module() -> None:
+    with pytest.raises(TracingError, match="gate"):
+        normswap.swap(randomize_bn(Untraceable()).eval(), "normprop")
+
+
+class SubUntraceable(Untraceable):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = BNAct(4)
+
+
+def test_strict_refuses_what_fallback_cannot_keep() -> None:
+    model = randomize_bn(SubUntraceable()).eval()
+    with pytest.raises(UnsupportedNodeError, match="'bn'"):
+        normswap.swap(model, "l1")
+    out = normswap.swap(model, "l1", strict=False, example_inputs=torch.randn(2, 3, 8, 8))
+    assert [s.node for s in out.normswap_report.skips] == ["bn"]
+    assert isinstance(out.bn, BNAct)
+
+
+def test_unknown_method_lists_choices() -> None:
+    with pytest.raises(UnknownMethodError, match="choose one of: kalman, l1, linf"):
+        normswap.swap(_net(), "l3")
+    with pytest.raises(ValueError):
+        normswap.swap(_net(), "l3")
+
+
+def test_method_names_are_normalised() -> None:
+    out = normswap.swap(_net(), "L1_BN", example_inputs=torch.randn(2, 3, 8, 8))
+    assert out.normswap_method["method"] == "l1"
+
+
+def test_mismatch_raises_naming_the_layer() -> None:
+    @register_norm("_test_broken", summary="deliberately wrong")
+    def _broken(bn: nn.Module, **_: object) -> nn.Module:
+        from normswap.norms.lp_batchnorm import l1_from_batchnorm
+
+        new = l1_from_batchnorm(bn)
+        if new.num_features == 12:
+            with torch.no_grad():
+                new.running_scale.mul_(2.0)
+        return new
+
+    with pytest.raises(NumericalMismatchError, match="'b4'"):
+        normswap.swap(_net(), "_test_broken", example_inputs=torch.randn(4, 3, 8, 8))
+    out = normswap.swap(_net(), "_test_broken", verify=False)
+    assert any("skipped" in n.message for n in out.normswap_report.notes)
+
+
+def test_unguessable_input_is_reported_not_silent() -> None:
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.bn(a + b)
+
+    out = normswap.swap(TwoInputs().eval(), "l1")
+    assert any("NOT verified" in w.message for w in out.normswap_report.warnings)

@@ -1,0 +1,111 @@
+"""Model-zoo sweep: every torchvision model with BatchNorm, swapped with l1/linf/kalman, has no
+BatchNorm left and computes the same eval function (randomised statistics, 1e-5 relative).
+
+The default run covers a representative subset; ``-m slow`` covers every model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import normswap
+from normswap.passes._match import batchnorm_like_modules
+
+from .conftest import randomize_bn, rel_err
+
+METHODS = ["l1", "linf", "kalman"]
+RTOL = 1e-5
+
+# Classification models without any BatchNorm: nothing to swap (their norm is LayerNorm or none).
+NO_BATCHNORM = {
+    "alexnet", "convnext_base", "convnext_large", "convnext_small", "convnext_tiny",
+    "squeezenet1_0", "squeezenet1_1", "swin_b", "swin_s", "swin_t", "swin_v2_b", "swin_v2_s",
+    "swin_v2_t", "vgg11", "vgg13", "vgg16", "vgg19", "vit_b_16", "vit_b_32", "vit_h_14",
+    "vit_l_16", "vit_l_32",
+}
+CLASSIFICATION = sorted(set(torchvision.models.list_models(module=torchvision.models))
+                        - NO_BATCHNORM)
+SEGMENTATION = sorted(torchvision.models.list_models(module=torchvision.models.segmentation))
+VIDEO = sorted(set(torchvision.models.list_models(module=torchvision.models.video))
+               # mvit and swin3d are transformer models with LayerNorm, no BatchNorm
+               - {"mvit_v1_b", "mvit_v2_s", "swin3d_b", "swin3d_s", "swin3d_t"})
+# ssd300_vgg16's VGG backbone has no BatchNorm
+DETECTION = sorted(set(torchvision.models.list_models(module=torchvision.models.detection))
+                   - {"ssd300_vgg16"})
+
+FAST = {"resnet18", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
+        "shufflenet_v2_x0_5", "regnet_x_400mf", "mnasnet0_5", "googlenet", "vgg11_bn",
+        "lraspp_mobilenet_v3_large", "r3d_18", "fasterrcnn_mobilenet_v3_large_320_fpn"}
+
+INPUT = {
+    "inception_v3": (2, 3, 96, 96),      # needs >= 75x75
+    "maxvit_t": (1, 3, 224, 224),        # window partitions need 224
+}
+
+
+def _params(names: list[str]) -> list[object]:
+    return [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in names]
+
+
+def _build(name: str, **kw: object) -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, **kw)
+    return randomize_bn(model).eval()
+
+
+def _check_same(model: nn.Module, x: torch.Tensor, pick=lambda o: o) -> None:
+    with torch.no_grad():
+        ref = pick(model(x))
+    for method in METHODS:
+        out = normswap.swap(model, method, verify=False)
+        assert not batchnorm_like_modules(out), method
+        assert len(out.normswap_report.changes) == len(batchnorm_like_modules(model))
+        with torch.no_grad():
+            got = pick(out.eval()(x))
+        assert rel_err(got, ref) < RTOL, (method, rel_err(got, ref))
+
+
+@pytest.mark.parametrize("name", _params(CLASSIFICATION))
+def test_classification(name: str) -> None:
+    model = _build(name, **({"aux_logits": True, "init_weights": True}
+                            if name in ("googlenet", "inception_v3") else {}))
+    assert batchnorm_like_modules(model), f"{name} has no BatchNorm: add it to NO_BATCHNORM"
+    x = torch.randn(*INPUT.get(name, (2, 3, 64, 64)))
+    _check_same(model, x)
+
+
+@pytest.mark.parametrize("name", _params(SEGMENTATION))
+def test_segmentation(name: str) -> None:
+    model = _build(name, weights_backbone=None, num_classes=5)
+    _check_same(model, torch.randn(2, 3, 64, 64), pick=lambda o: o["out"])
+
+
+@pytest.mark.parametrize("name", _params(VIDEO))
+def test_video(name: str) -> None:
+    model = _build(name)
+    frames = 16 if name == "s3d" else 4
+    _check_same(model, torch.randn(1, 3, frames, 64, 64))
+
+
+@pytest.mark.parametrize("name", _params(DETECTION))
+def test_detection_falls_back_and_names_the_module(name: str) -> None:
+    model = _build(name, weights_backbone=None, num_classes=5)
+    n_bn = len(batchnorm_like_modules(model))
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        ref = model.backbone(x)
+    for method in ["l1", "kalman"]:
+        out = normswap.swap(model, method)
+        rep = out.normswap_report
+        # tracing fails in the detection heads; the report names the modules responsible
+        assert rep.warnings and "could not trace" in rep.warnings[0].message
+        assert rep.metrics["untraceable"], rep.table()
+        assert not batchnorm_like_modules(out)
+        assert len(rep.changes) == n_bn
+        with torch.no_grad():
+            got = out.backbone(x)
+        for k in ref:
+            assert rel_err(got[k], ref[k]) < RTOL, (method, k)
