@@ -89,6 +89,7 @@ def swap(model: nn.Module, method: str, *, example_inputs: Any = None, verify: b
                 f"{report.warnings[-1].message}")
         result, sub = swap_modules(work, m.factory, method=m.name, **options)
         report.extend(sub)
+        refuse_if_strict(sub, strict)
         if m.post_pass is not None:
             report.warn(f"no graph: '{m.name}' layers work without graph context "
                         "(e.g. Kalman layers get no propagated prior)")
@@ -98,16 +99,18 @@ def swap(model: nn.Module, method: str, *, example_inputs: Any = None, verify: b
     else:
         result, sub = swap_norm(gm, m.factory, source=work, method=m.name, **options)
         report.extend(sub)
+        refuse_if_strict(sub, strict)
         if m.post_pass is not None:
             result, post = m.post_pass(result, **options)
             report.extend(post)
-    leftover = [q for q, _ in batchnorm_like_modules(result)]
-    for q in leftover:
+    leftover = PassReport()
+    for q, mod in batchnorm_like_modules(result):
         if not any(getattr(s, "node", None) == q for s in report.skips):
-            report.skip(q, type(result.get_submodule(q)).__name__,
-                        "BatchNorm module not reached by the traced forward (unused in eval, "
-                        "or hidden behind a leaf module); left as is")
-    refuse_if_strict(report, strict and m.graph_pass is None)
+            leftover.skip(q, type(mod).__name__,
+                          "BatchNorm module not reached by the traced forward (unused in eval, "
+                          "or hidden behind a leaf module); left as is")
+    report.extend(leftover)
+    refuse_if_strict(leftover, strict and m.graph_pass is None)
     report.metrics["swap_seconds"] = round(time.perf_counter() - t0, 4)
     if verify and m.eval_exact:
         _verify(model, result, example_inputs, rtol, report)

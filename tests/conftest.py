@@ -46,3 +46,8 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-12)
             ).item()
+
+
+def swapped(report) -> list:  # type: ignore[no-untyped-def]
+    """The report's BN replacements (not the Kalman prior wiring that follows them)."""
+    return [c for c in report.changes if not c.before.startswith("Kalman")]

@@ -202,6 +202,9 @@ def _swap_functional(gm: fx.GraphModule, node: fx.Node, factory: Factory,
         new_node = gm.graph.call_module(target, (vals["input"],))
     node.replace_all_uses_with(new_node)
     gm.graph.erase_node(node)
+    for s in attr_nodes:  # the old tensors may no longer exist on the replacement
+        if not s.users:
+            gm.graph.erase_node(s)
 
 
 def _attr(root: nn.Module, target: str) -> torch.Tensor:
