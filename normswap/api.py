@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from .errors import NormswapError, TracingError
-from .passes._match import batchnorm_like_modules, find_untraceable, trace
+from .passes._match import FUNCTIONAL_BATCH_NORM, batchnorm_like_modules, find_untraceable, trace
 from .passes.swap_norm import refuse_if_strict, swap_modules, swap_norm
 from .registry import get_method
 from .report import PassReport
@@ -78,31 +78,44 @@ def swap(model: nn.Module, method: str, *, example_inputs: Any = None, verify: b
     m = get_method(method)
     t0 = time.perf_counter()
     report = PassReport(title=f"normswap swap -> {m.name}")
-    was_training = model.training
+    flags = {n: mod.training for n, mod in model.named_modules()}
     work = copy.deepcopy(model).eval()
     gm = _trace_or_explain(work, leaf_modules, report)
+    factory_options = {k: v for k, v in options.items() if k != "priors"}
     result: nn.Module
     if gm is None:
         if m.factory is None:
             raise TracingError(
                 f"method '{m.name}' needs the model's graph, but tracing failed: "
                 f"{report.warnings[-1].message}")
-        result, sub = swap_modules(work, m.factory, method=m.name, **options)
+        result, sub = swap_modules(work, m.factory, method=m.name, **factory_options)
         report.extend(sub)
         refuse_if_strict(sub, strict)
+        report.metrics["mode"] = "fallback"
         if m.post_pass is not None:
-            report.warn(f"no graph: '{m.name}' layers work without graph context "
-                        "(e.g. Kalman layers get no propagated prior)")
+            report.warn(f"no graph: '{m.name}' layers run without graph context "
+                        "(Kalman layers get no propagated prior)")
     elif m.graph_pass is not None:
         result, sub = m.graph_pass(gm, strict=strict, **options)
         report.extend(sub)
-    else:
-        result, sub = swap_norm(gm, m.factory, source=work, method=m.name, **options)
+        report.metrics["mode"] = "graph"
+        _note_dropped(work, result, report)
+    elif _needs_graph(gm, m.post_pass is not None and options.get("priors", True)):
+        result, sub = swap_norm(gm, m.factory, source=work, method=m.name, **factory_options)
         report.extend(sub)
         refuse_if_strict(sub, strict)
-        if m.post_pass is not None:
-            result, post = m.post_pass(result, **options)
+        if m.post_pass is not None and options.get("priors", True):
+            result, post = m.post_pass(result, **factory_options)
             report.extend(post)
+        report.metrics["mode"] = "graph"
+        _note_dropped(work, result, report)
+    else:
+        # the graph showed nothing that needs it: replace modules in the user's own class, so
+        # its forward (train-time branches included) and methods stay as they are
+        result, sub = swap_modules(work, m.factory, method=m.name, **factory_options)
+        report.extend(sub)
+        refuse_if_strict(sub, strict)
+        report.metrics["mode"] = "module"
     leftover = PassReport()
     for q, mod in batchnorm_like_modules(result):
         if not any(getattr(s, "node", None) == q for s in report.skips):
@@ -119,13 +132,37 @@ def swap(model: nn.Module, method: str, *, example_inputs: Any = None, verify: b
                     "original; fine-tune (or retrain) the converted model")
     else:
         report.note("equivalence check skipped (verify=False)")
-    result.train(was_training)
+    for n, mod in result.named_modules():  # the caller's train/eval flags, module by module
+        mod.training = flags.get(n, model.training)
     result.normswap_report = report  # type: ignore[assignment]
     result.normswap_method = {"method": m.name, "options": _plain(options),
                               "leaf_modules": list(leaf_modules), "strict": strict}
     log.info("swap -> %s: %d changed, %d skipped", m.name, len(report.changes),
              len(report.skips))
     return result
+
+
+def _needs_graph(gm: fx.GraphModule, post_pass: bool) -> bool:
+    """A graph rewrite is needed for functional batch norms (also those inside BN subclasses
+    that add behaviour) and for post-passes such as Kalman priors."""
+    return post_pass or any(n.op == "call_function" and n.target in FUNCTIONAL_BATCH_NORM
+                            for n in gm.graph.nodes)
+
+
+def _note_dropped(source: nn.Module, result: nn.Module, report: PassReport) -> None:
+    """Warn about parameterised modules the eval-mode trace did not reach (and so dropped)."""
+    kept = {n for n, _ in result.named_modules()}
+    dropped = [n for n, mod in source.named_modules()
+               if n and n not in kept and any(True for _ in mod.parameters(recurse=False))]
+    report.note("returned an fx.GraphModule traced in eval mode: Python control flow on "
+                "self.training inside traced modules is frozen to its eval branch")
+    if dropped:
+        report.warn(f"{len(dropped)} module(s) with parameters are not used by the eval-mode "
+                    f"forward and are not in the result (e.g. auxiliary heads): "
+                    f"{dropped[:6]}{' ...' if len(dropped) > 6 else ''}")
+        for n in dropped:
+            for k in source.get_submodule(n).state_dict():
+                report.key_map[f"{n}.{k}"] = None
 
 
 def _plain(options: dict[str, Any]) -> dict[str, Any]:

@@ -212,9 +212,48 @@ def test_untraceable_model_falls_back_and_names_the_module(method: str) -> None:
 
 def test_leaf_modules_option_keeps_the_graph() -> None:
     model = randomize_bn(Untraceable()).eval()
-    out = normswap.swap(model, "l1", leaf_modules=["gate"], example_inputs=torch.randn(2, 3, 8, 8))
-    assert isinstance(out, torch.fx.GraphModule)
+    x = torch.randn(2, 3, 8, 8)
+    out = normswap.swap(model, "l1", leaf_modules=["gate"], example_inputs=x)
+    # nothing needed the graph: modules are replaced inside the user's own class
+    assert isinstance(out, Untraceable) and out.normswap_report.metrics["mode"] == "module"
     assert not out.normswap_report.warnings
+    kal = normswap.swap(model, "kalman", leaf_modules=["gate"], example_inputs=x)
+    assert isinstance(kal, torch.fx.GraphModule) and kal.normswap_report.metrics["mode"] == "graph"
+
+
+class SuperForwardBN(nn.BatchNorm2d):
+    """A subclass whose forward calls super().forward() (BN's input-dim check branches)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(super().forward(x))
+
+
+def test_subclass_calling_super_forward_is_traced_through() -> None:
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), SuperForwardBN(4))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    out = normswap.swap(model, "l1", example_inputs=x)
+    assert not batchnorm_like_modules(out)
+    with torch.no_grad():
+        assert rel_err(out(x), model(x)) < 1e-5
+
+
+def test_train_only_branches_survive_module_mode() -> None:
+    import torchvision
+
+    model = randomize_bn(torchvision.models.googlenet(aux_logits=True, init_weights=True))
+    out = normswap.swap(model.eval(), "l1", example_inputs=torch.randn(1, 3, 64, 64))
+    assert type(out).__name__ == "GoogLeNet" and not batchnorm_like_modules(out)
+    assert out.aux1 is not None and "aux1.conv.bn.running_scale" in out.state_dict()
+    kal = normswap.swap(model.eval(), "kalman", example_inputs=torch.randn(1, 3, 64, 64))
+    assert any("aux1" in w.message for w in kal.normswap_report.warnings)
+    assert kal.normswap_report.key_map["aux1.conv.bn.running_var"] is None
+
+
+def test_mixed_train_eval_flags_are_kept() -> None:
+    model = _net().train()
+    model.b2.eval()
+    out = normswap.swap(model, "l1", example_inputs=torch.randn(2, 3, 8, 8))
+    assert out.training and out.b1.training and not out.b2.training
 
 
 def test_graph_method_on_untraceable_model_raises_naming_module() -> None:
