@@ -92,6 +92,7 @@ def swap(model: nn.Module, method: str, *, example_inputs: Any = None, verify: b
         report.extend(sub)
         refuse_if_strict(sub, strict)
         report.metrics["mode"] = "fallback"
+        report.metrics["swapped"] = len(sub.changes)
         if m.post_pass is not None:
             report.warn(f"no graph: '{m.name}' layers run without graph context "
                         "(Kalman layers get no propagated prior)")
@@ -99,11 +100,13 @@ def swap(model: nn.Module, method: str, *, example_inputs: Any = None, verify: b
         result, sub = m.graph_pass(gm, strict=strict, **options)
         report.extend(sub)
         report.metrics["mode"] = "graph"
+        report.metrics["swapped"] = len(sub.changes)
         _note_dropped(work, result, report)
     elif _needs_graph(gm, m.post_pass is not None and options.get("priors", True)):
         result, sub = swap_norm(gm, m.factory, source=work, method=m.name, **factory_options)
         report.extend(sub)
         refuse_if_strict(sub, strict)
+        report.metrics["swapped"] = len(sub.changes)
         if m.post_pass is not None and options.get("priors", True):
             result, post = m.post_pass(result, **factory_options)
             report.extend(post)
@@ -116,6 +119,7 @@ def swap(model: nn.Module, method: str, *, example_inputs: Any = None, verify: b
         report.extend(sub)
         refuse_if_strict(sub, strict)
         report.metrics["mode"] = "module"
+        report.metrics["swapped"] = len(sub.changes)
     leftover = PassReport()
     for q, mod in batchnorm_like_modules(result):
         if not any(getattr(s, "node", None) == q for s in report.skips):

@@ -136,7 +136,7 @@ def run_demo(methods: tuple[str, ...] = ("l1", "linf", "kalman", "normprop", "se
             finetune(conv, data["x_train"], data["y_train"])
             tuned = f"{accuracy(conv, xte, yte):.4f}"
             verdict += "; fine-tuned 3 epochs"
-        rows.append(DemoRow(name, len(rep.changes), len(rep.skips),
+        rows.append(DemoRow(name, int(rep.metrics.get("swapped", len(rep.changes))), len(rep.skips),
                             f"{rel:.1e}" if rel is not None else "n/a", base, acc, tuned,
                             verdict))
     if export:
