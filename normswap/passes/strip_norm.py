@@ -1,0 +1,434 @@
+"""Strip BatchNorm for a self-normalizing network (SELU, Klambauer et al. 2017). NOT eval-exact.
+
+Rewrite (REFERENCE §5, §7):
+
+1. Every eval-mode BatchNorm is folded into the Conv/ConvTranspose/Linear before it
+   (``W' = s·W``, ``b' = s·(b − μ) + β``; exact, by
+   :func:`~normswap.passes.fold_conv_bn.fold_conv_bn`). A BN that cannot fold (no conv before
+   it, a shared conv, a conv output with other users) becomes a per-channel
+   :class:`~normswap.norms.affine.ChannelAffine` and the report says why.
+2. Rectifier-like activations become SELU, ``selu(x) = λx`` (x > 0), ``λα(eˣ − 1)`` (x ≤ 0):
+   modules ``nn.ReLU, ReLU6, LeakyReLU, PReLU, RReLU, ELU, CELU, GELU, SiLU, Mish, Hardswish``,
+   functions ``F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.celu, F.gelu, F.silu,
+   F.mish, F.hardswish, F.rrelu`` (and their in-place forms) and ``x.relu()``/``x.relu_()``.
+   In-place activations become in-place SELU (same data flow). Gates and output squashers
+   (Sigmoid, Tanh, Hardsigmoid, Softmax) are left alone and listed in a note.
+3. With ``alpha_dropout=True``, ``nn.Dropout`` becomes ``nn.AlphaDropout`` with the same ``p``
+   (``Dropout1d/2d/3d`` become ``nn.FeatureAlphaDropout``; ``F.dropout``/``F.dropoutNd`` become
+   ``F.alpha_dropout``/``F.feature_alpha_dropout`` with the traced ``training`` flag, which fx
+   fixed at trace time).
+4. Initialisation: ``"keep"`` keeps the folded weights; ``"lecun"`` re-draws every
+   conv/linear weight from N(0, 1/fan_in) with zero bias (``kaiming_normal_(mode='fan_in',
+   nonlinearity='linear')``) and resets kept ChannelAffines to the identity; ``"calibrate"``
+   keeps the weights and, layer by layer in graph order, rescales each output unit of every
+   hidden conv/linear (one whose output reaches a SELU) so that its output (the
+   pre-activation) has mean 0 and variance 1 on ``calibration_inputs``:
+   ``W_i ← W_i/σ_i``, ``b_i ← (b_i − μ_i)/σ_i``.
+
+Replacing ReLU by SELU changes the function: the result needs fine-tuning (or retraining), and
+the report says so. Residual sums and max-pools break the self-normalizing fixed point (the
+theory covers plain feed-forward nets): each is named in a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..calibrate import forward_batch
+from ..errors import NormswapError
+from ..norms.affine import ChannelAffine
+from ..report import PassReport
+from .fold_conv_bn import fold_bn_into_weights, fold_conv_bn
+from ._match import is_impure
+from .to_normprop import _is_residual_sum
+
+__all__ = ["strip_for_selu", "lecun_normal_", "calibrate_units", "SELU_MODULES",
+           "SELU_FUNCTIONS"]
+
+log = logging.getLogger(__name__)
+
+Init = Literal["keep", "lecun", "calibrate"]
+
+SELU_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Hardswish,
+)
+"""Activation modules replaced by ``nn.SELU``."""
+
+SELU_FUNCTIONS: dict[Any, int | None] = {
+    F.relu: 1, torch.relu: None, F.relu6: 1, F.leaky_relu: 2, F.elu: 2, F.celu: 2,
+    F.gelu: None, F.silu: 1, F.mish: 1, F.hardswish: 1, F.rrelu: 4,
+}
+"""Activation functions replaced by ``F.selu``, with the position of their ``inplace`` arg."""
+
+_INPLACE_FUNCTIONS: set[Any] = {torch.relu_, F.relu_, F.leaky_relu_, F.elu_, F.rrelu_}
+_SELU_METHODS = {"relu": False, "relu_": True}
+_GATE_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Softmax,
+                                               nn.Hardtanh, nn.Softplus, nn.Tanhshrink)
+_DROPOUT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Dropout: nn.AlphaDropout, nn.Dropout1d: nn.FeatureAlphaDropout,
+    nn.Dropout2d: nn.FeatureAlphaDropout, nn.Dropout3d: nn.FeatureAlphaDropout,
+}
+_DROPOUT_FUNCTIONS: dict[Any, Any] = {
+    F.dropout: F.alpha_dropout, F.dropout1d: F.feature_alpha_dropout,
+    F.dropout2d: F.feature_alpha_dropout, F.dropout3d: F.feature_alpha_dropout,
+}
+_MAXPOOL_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_MAXPOOL_FUNCTIONS: set[Any] = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
+                                F.adaptive_max_pool2d, F.adaptive_max_pool3d}
+_AFFINE_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a calibration forward early."""
+
+
+# -- tensor math (pure) ----------------------------------------------------------------------
+
+def lecun_normal_(weight: Tensor, bias: Tensor | None = None,
+                  generator: torch.Generator | None = None) -> None:
+    """Re-draw ``weight`` from N(0, 1/fan_in) and zero ``bias``, in place (REFERENCE §5).
+
+    Args:
+        weight: a conv/linear weight.
+        bias: its bias or None.
+        generator: random generator for reproducible draws.
+    """
+    with torch.no_grad():
+        nn.init.kaiming_normal_(weight, mode="fan_in", nonlinearity="linear", generator=generator)
+        if bias is not None:
+            bias.zero_()
+
+
+def _channel_moments(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor, int]:
+    """Per-channel float64 sum and sum of squares of ``x`` and the count per channel."""
+    moved = x.detach().movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim]).double()
+    return moved.sum(0), (moved * moved).sum(0), moved.shape[0]
+
+
+# -- graph helpers ---------------------------------------------------------------------------
+
+def _mod(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The module a call_module node calls, else None."""
+    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+
+
+def _set_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
+    """Install ``new`` at dotted path ``target``, in the mode of the module it replaces."""
+    parent_name, _, child = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    new.train(gm.get_submodule(target).training)
+    setattr(parent, child, new)
+
+
+def _inplace_arg(node: fx.Node, position: int | None) -> bool:
+    """The ``inplace`` flag of a functional activation call."""
+    if "inplace" in node.kwargs:
+        return bool(node.kwargs["inplace"])
+    if position is not None and len(node.args) > position:
+        return bool(node.args[position])
+    return False
+
+
+def _replace_activations(gm: fx.GraphModule, report: PassReport) -> int:
+    """Turn rectifier-like activations into SELU; returns how many call sites changed."""
+    done: set[str] = set()
+    count = 0
+    gates: list[str] = []
+    for node in list(gm.graph.nodes):
+        m = _mod(gm, node)
+        if m is not None:
+            if isinstance(m, _GATE_MODULES):
+                gates.append(f"{node.target} ({type(m).__name__})")
+            if not isinstance(m, SELU_MODULES):
+                continue
+            count += 1
+            target = str(node.target)
+            if target in done:
+                continue
+            done.add(target)
+            inplace = bool(getattr(m, "inplace", False))
+            for key in m.state_dict():
+                report.key_map[f"{target}.{key}"] = None
+            _set_module(gm, target, nn.SELU(inplace=inplace))
+            report.change(target, type(m).__name__, "SELU", "in-place" if inplace else "")
+            continue
+        if node.op == "call_function" and (node.target in SELU_FUNCTIONS
+                                           or node.target in _INPLACE_FUNCTIONS):
+            inplace = (node.target in _INPLACE_FUNCTIONS
+                       or _inplace_arg(node, SELU_FUNCTIONS.get(node.target)))
+        elif node.op == "call_method" and node.target in _SELU_METHODS:
+            inplace = _SELU_METHODS[str(node.target)]
+        else:
+            continue
+        before = getattr(node.target, "__name__", str(node.target))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(F.selu, (node.args[0],), {"inplace": inplace})
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+        report.change(node.name, before, "selu", "in-place" if inplace else "")
+    if gates:
+        report.note("left unchanged (gates/output squashers, not rectifiers): " + ", ".join(gates))
+    return count
+
+
+def _replace_dropout(gm: fx.GraphModule, report: PassReport) -> None:
+    """Turn Dropout into AlphaDropout (same p)."""
+    done: set[str] = set()
+    for node in list(gm.graph.nodes):
+        m = _mod(gm, node)
+        if m is not None and type(m) in _DROPOUT_MODULES and str(node.target) not in done:
+            done.add(str(node.target))
+            new_cls = _DROPOUT_MODULES[type(m)]
+            _set_module(gm, str(node.target), new_cls(p=m.p, inplace=m.inplace))
+            report.change(str(node.target), type(m).__name__, new_cls.__name__, f"p={m.p}")
+        elif node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
+            new_fn = _DROPOUT_FUNCTIONS[node.target]
+            node.target = new_fn
+            report.change(node.name, "dropout", new_fn.__name__,
+                          "functional: keeps the training flag fx fixed at trace time")
+
+
+def _warn_fixed_point_breakers(gm: fx.GraphModule, report: PassReport) -> None:
+    """Warn about residual sums and max-pools (they break the SELU fixed point)."""
+    sums, pools = [], []
+    for node in gm.graph.nodes:
+        m = _mod(gm, node)
+        if _is_residual_sum(node):
+            sums.append(node.name)
+        elif isinstance(m, _MAXPOOL_MODULES) or (
+                node.op == "call_function" and node.target in _MAXPOOL_FUNCTIONS):
+            pools.append(str(node.target) if m is not None else node.name)
+    if sums:
+        report.warn(f"{len(sums)} residual sum(s) break the self-normalizing fixed point "
+                    f"(variances add up): {', '.join(sums)}")
+        for name in sums:
+            report.warn("residual sum: not covered by SELU theory", node=name)
+    if pools:
+        report.warn(f"{len(pools)} max-pool(s) break the self-normalizing fixed point (they "
+                    f"raise the mean): {', '.join(pools)}")
+        for name in pools:
+            report.warn("max-pool: not covered by SELU theory", node=name)
+
+
+def _hidden_layers(gm: fx.GraphModule) -> list[fx.Node]:
+    """Conv/linear nodes whose output reaches a SELU (graph order)."""
+    selu_nodes = {n for n in gm.graph.nodes
+                  if isinstance(_mod(gm, n), nn.SELU)
+                  or (n.op == "call_function" and n.target is F.selu)}
+    feeds_selu: set[fx.Node] = set()
+    for node in reversed(list(gm.graph.nodes)):
+        if any(u in selu_nodes or u in feeds_selu for u in node.users):
+            feeds_selu.add(node)
+    return [n for n in gm.graph.nodes
+            if isinstance(_mod(gm, n), _AFFINE_LAYERS) and n in feeds_selu]
+
+
+def _as_batches(inputs: Any) -> list[Any]:
+    """Calibration inputs as a list of batches (a single tensor is one batch)."""
+    if isinstance(inputs, Tensor):
+        return [inputs]
+    if isinstance(inputs, Iterable):
+        batches = list(inputs)
+        if batches:
+            return batches
+    raise NormswapError("init='calibrate' needs calibration_inputs: a tensor or a non-empty "
+                        "iterable of tensors / (input, target) tuples / dicts")
+
+
+def calibrate_units(gm: fx.GraphModule, calibration_inputs: Any, report: PassReport | None = None,
+                    *, eps: float = 1e-12) -> PassReport:
+    """Rescale each hidden conv/linear unit to mean 0 / variance 1 on calibration data.
+
+    Layers are processed one at a time in graph order, each measured with all earlier layers
+    already rescaled. A unit's statistics are taken over the batch and all positions (output
+    channel on dim 1 for convolutions, the last dim for Linear). The model runs in eval mode
+    without gradients; a forward stops as soon as the layer's output is seen.
+
+    Args:
+        gm: the (stripped) graph module, mutated.
+        calibration_inputs: a tensor, or an iterable of tensors / ``(input, target)`` tuples /
+            dicts (fed as in :func:`~normswap.calibrate.forward_batch`).
+        report: report to add to (a new one if None).
+        eps: variance below which a unit is only centred, not scaled.
+
+    Returns:
+        The report, with one change per layer and ``metrics['calibrated_layers']``.
+
+    Raises:
+        NormswapError: no calibration inputs.
+    """
+    report = report if report is not None else PassReport(title="calibrate units")
+    batches = _as_batches(calibration_inputs)
+    flags = {m: m.training for m in gm.modules()}
+    gm.eval()
+    layers = _hidden_layers(gm)
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    done = 0
+    try:
+        for node in layers:
+            layer = _mod(gm, node)
+            if calls[str(node.target)] > 1:
+                report.skip(str(node.target), type(layer).__name__,
+                            f"not calibrated: module is called {calls[str(node.target)]} times "
+                            "(one rescale cannot normalise every call)")
+                continue
+            channel_dim = -1 if isinstance(layer, nn.Linear) else 1
+            acc: list[Any] = [0.0, 0.0, 0]
+
+            def hook(_m: nn.Module, _inp: Any, out: Tensor, acc: list[Any] = acc,
+                     dim: int = channel_dim) -> None:
+                s, sq, n = _channel_moments(out, dim)
+                acc[0], acc[1], acc[2] = acc[0] + s, acc[1] + sq, acc[2] + n
+                raise _StopForward
+
+            handle = layer.register_forward_hook(hook)
+            try:
+                with torch.no_grad():
+                    for batch in batches:
+                        try:
+                            forward_batch(gm, batch)
+                        except _StopForward:
+                            pass
+            finally:
+                handle.remove()
+            mean = acc[0] / acc[2]
+            var = (acc[1] / acc[2] - mean * mean).clamp_min(0.0)
+            flat = var <= eps
+            inv_std = torch.where(flat, torch.ones_like(var), var.clamp_min(eps).rsqrt())
+            groups = int(getattr(layer, "groups", 1))
+            new_w, new_b = fold_bn_into_weights(
+                layer.weight, layer.bias, inv_std, -mean * inv_std,
+                transpose=isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                             nn.ConvTranspose3d)), groups=groups)
+            with torch.no_grad():
+                layer.weight.copy_(new_w)
+                if layer.bias is None:
+                    layer.bias = nn.Parameter(new_b.to(layer.weight.device))
+                else:
+                    layer.bias.copy_(new_b)
+            detail = f"per-unit std in [{var.min().sqrt():.3g}, {var.max().sqrt():.3g}]"
+            if bool(flat.any()):
+                detail += f"; {int(flat.sum())} constant unit(s) only centred"
+            report.change(str(node.target), type(layer).__name__, "calibrated (mean 0, var 1)",
+                          detail)
+            done += 1
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    report.metrics["calibrated_layers"] = done
+    return report
+
+
+# -- the pass --------------------------------------------------------------------------------
+
+def _example_inputs(opts: dict[str, Any], calibration_inputs: Any) -> tuple[Any, ...] | None:
+    """Inputs for shape propagation (needed to fold Linear → BatchNorm1d), if any."""
+    ex = opts.get("example_inputs")
+    if ex is None and isinstance(calibration_inputs, Tensor):
+        ex = calibration_inputs
+    elif ex is None and isinstance(calibration_inputs, (list, tuple)) and calibration_inputs:
+        first = calibration_inputs[0]
+        if isinstance(first, (list, tuple)) and first:
+            first = first[0]
+        ex = first if isinstance(first, Tensor) else None
+    if ex is None:
+        return None
+    return tuple(ex) if isinstance(ex, (tuple, list)) else (ex,)
+
+
+def strip_for_selu(gm: fx.GraphModule, *, init: Init = "keep", calibration_inputs: Any = None,
+                   alpha_dropout: bool = True, generator: torch.Generator | None = None,
+                   **opts: Any) -> tuple[fx.GraphModule, PassReport]:
+    """Fold BatchNorms away and turn the network into a SELU network (not eval-exact).
+
+    See the module docstring for every step and its math.
+
+    Args:
+        gm: graph traced in eval mode from a private copy (mutated and returned).
+        init: ``"keep"`` the folded weights, re-draw them ``"lecun"`` normal, or
+            ``"calibrate"`` each hidden unit to mean 0 / variance 1 on ``calibration_inputs``.
+        calibration_inputs: a tensor or an iterable of tensors / ``(input, target)`` tuples /
+            dicts; required by ``init="calibrate"`` (also used for shape propagation).
+        alpha_dropout: replace Dropout by AlphaDropout with the same ``p``.
+        generator: random generator for ``init="lecun"``.
+        **opts: ``example_inputs`` (a tensor or tuple, enables folding Linear → BatchNorm1d when
+            no calibration inputs are given) and ``train_mode`` / ``trainable_affine`` for
+            :func:`~normswap.passes.fold_conv_bn.fold_conv_bn`; others are ignored.
+
+    Returns:
+        The rewritten graph module and the report (with a warning that the function changed).
+
+    Raises:
+        NormswapError: ``init="calibrate"`` without calibration inputs.
+        ValueError: unknown ``init``.
+    """
+    if init not in ("keep", "lecun", "calibrate"):
+        raise ValueError(f"init must be 'keep', 'lecun' or 'calibrate'; got {init!r}")
+    if init == "calibrate":
+        calibration_inputs = _as_batches(calibration_inputs)
+    report = PassReport(title="strip for SELU")
+    report.warn("strip_for_selu changes the network's function (ReLU -> SELU, BatchNorm "
+                "removed): it is NOT eval-exact; fine-tune or retrain before use")
+
+    dead_inplace = [n.name for n in gm.graph.nodes if not n.users and n.op != "output"
+                    and is_impure(n) and not n.is_impure()]
+    if dead_inplace:
+        report.warn("in-place calls whose result is unused may be dropped by fx dead-code "
+                    f"elimination in the BN fold: {', '.join(dead_inplace)}")
+    example = _example_inputs(opts, calibration_inputs)
+    if example is not None and not any("tensor_meta" in n.meta for n in gm.graph.nodes):
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*example)
+        except Exception as exc:  # noqa: BLE001 - shapes only enable more folds
+            report.warn(f"shape propagation failed ({type(exc).__name__}: {exc}); "
+                        "Linear -> BatchNorm1d pairs stay as per-channel affines")
+    fold_opts = {k: opts[k] for k in ("train_mode", "trainable_affine") if k in opts}
+    gm, fold_report = fold_conv_bn(gm, **fold_opts)
+    report.extend(fold_report)
+
+    n_act = _replace_activations(gm, report)
+    if n_act == 0:
+        report.warn("no ReLU-family activation found: nothing was turned into SELU")
+    if alpha_dropout:
+        _replace_dropout(gm, report)
+    leftover = [n.name for n in gm.graph.nodes
+                if n.op == "call_function" and n.target in (F.batch_norm, torch.batch_norm)]
+    if leftover:
+        report.warn("functional batch_norm calls remain (BatchNorm subclasses with their own "
+                    f"forward): {', '.join(leftover)}")
+    _warn_fixed_point_breakers(gm, report)
+
+    if init == "lecun":
+        for name, m in gm.named_modules():
+            if isinstance(m, _AFFINE_LAYERS):
+                lecun_normal_(m.weight, m.bias, generator)
+                report.change(name, type(m).__name__, "LeCun normal init",
+                              "weight ~ N(0, 1/fan_in), bias 0")
+            elif isinstance(m, ChannelAffine):
+                with torch.no_grad():
+                    m.scale.fill_(1.0)
+                    m.shift.zero_()
+                report.change(name, "ChannelAffine", "identity", "reset for LeCun init")
+    gm.graph.eliminate_dead_code(is_impure_node=is_impure)
+    gm.graph.lint()
+    gm.recompile()
+    if init == "calibrate":
+        calibrate_units(gm, calibration_inputs, report)
+    return gm, report

@@ -1,0 +1,536 @@
+"""Convert Conv/Linear → BatchNorm → ReLU chains to Normalization Propagation, eval-exact.
+
+Rewrite (REFERENCE §0, §4). A chain ``y = relu(bn(conv(x)))`` with the BN in eval mode
+``bn(z) = s·z + t`` (``s = γ_BN/sqrt(σ²_r+ε)``, ``t = β_BN − s·μ_r``) and a conv/linear with weight
+``W`` and bias ``b0`` becomes::
+
+    y = relu(γ·(W ∗ x)/(κ‖W_i‖₂) + β)        (a NormProp layer + the kept ReLU)
+    o = (y − 1/sqrt(2π)) / sqrt(½(1 − 1/π)) = a·y + c      (inserted NormPropCorrection)
+
+with ``γ_i = κ·s_i·‖W_i‖₂`` and ``β_i = β_BN,i + s_i·(b0_i − μ_i) = t_i + s_i·b0_i``, which is
+exactly the old pre-activation ``s·(W∗x + b0) + t``.
+
+The correction changes what the following layers see (``o`` instead of ``y``), so it is undone
+in the next affine layer(s), reached from the ReLU through operations that commute with the
+monotone map ``y ↦ a·y + c`` (a > 0): max-pooling, average pooling over real elements
+(adaptive, or without zero padding counted), mean, flatten/view/reshape/permute, identity and
+dropout (identity in eval). Each such consumer ``L(v) = W2 ∗ v + b2`` becomes::
+
+    W2' = W2/a,   b2' = b2 − (c/a)·ΣW2   (sum over all of unit i's inputs)
+
+and, when the consumer is a convolution with zero padding, its border is padded with ``c``
+instead of 0 (an explicit ``F.pad(value=c)`` before a conv with padding 0, or the NormProp
+layer's ``padding_value``), because a padded 0 in ``y`` is a ``c`` in ``o``. When the consumer is
+itself the conv of a converted chain, the correction is applied to its weights first and the
+NormProp mapping then uses the corrected ``W2', b2'``.
+
+In training mode the NormProp layers behave as NormProp (no batch statistics). A dropout between
+the ReLU and the next layer then drops corrected (zero-mean) units, as in a native NormProp
+network; in eval it is the identity, so the conversion is eval-exact.
+
+Refused (the BN is reported and, with ``strict=False``, kept as BatchNorm; ``strict=True``
+collects every such node and raises one :class:`UnsupportedNodeError`):
+
+* a BN not fed by a Conv1d/2d/3d or Linear module (or the conv's module is called more than once,
+  or the conv output has other users);
+* a BN whose output does not go (only) to a ReLU — e.g. to a residual sum or to another
+  activation — or a BN without running statistics;
+* a ReLU whose output reaches anything that cannot absorb the correction: a residual sum, a
+  concatenation, another activation, the graph output, a transposed convolution, a shared
+  consumer module, an average pool counting zero padding.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from ..errors import UnsupportedNodeError
+from ..norms.normprop import (
+    KAPPA,
+    NORMPROP_LAYERS,
+    POST_RELU_SCALE,
+    POST_RELU_SHIFT,
+    NormPropCorrection,
+    NormPropBase,
+)
+from ..report import PassReport
+from ._match import is_batchnorm, is_impure, overrides_forward
+from .fold_conv_bn import norm_scale_shift
+
+__all__ = ["to_normprop", "normprop_params", "absorb_post_relu"]
+
+log = logging.getLogger(__name__)
+
+_AFFINE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
+_RELU_METHODS = {"relu", "relu_"}
+_COMMUTING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout, nn.Identity, nn.Flatten, nn.Unflatten,
+)
+_COMMUTING_FUNCTIONS: set[Any] = {
+    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
+    torch.transpose, torch.mean,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+}
+_DROPOUT_FUNCTIONS: set[Any] = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                                F.alpha_dropout, F.feature_alpha_dropout}
+_COMMUTING_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze",
+                      "permute", "transpose", "mean", "unflatten"}
+_SHAPE_METHODS = {"size", "dim"}
+_SUM_FUNCTIONS: set[Any] = {operator.add, operator.iadd, torch.add, operator.sub, torch.sub}
+
+
+# -- tensor math (pure) ----------------------------------------------------------------------
+
+def normprop_params(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor,
+                    kappa: float = KAPPA) -> tuple[Tensor, Tensor]:
+    """NormProp ``(γ, β)`` reproducing ``scale·(W∗x + b0) + shift`` (REFERENCE §4).
+
+    Args:
+        weight: conv/linear weight, output units on dim 0.
+        bias: conv/linear bias ``b0`` or None.
+        scale: per-unit BN scale ``s``.
+        shift: per-unit BN shift ``t`` (``β_BN − s·μ``).
+        kappa: the NormProp constant κ (absorbed into γ).
+
+    Returns:
+        ``γ = κ·s·‖W_i‖₂`` and ``β = t + s·b0`` in float64.
+    """
+    norm = torch.linalg.vector_norm(weight.detach().flatten(1), dim=1, dtype=torch.float64)
+    gamma = kappa * scale.double() * norm
+    beta = shift.double().clone()
+    if bias is not None:
+        beta = beta + scale.double() * bias.detach().double()
+    return gamma, beta
+
+
+def absorb_post_relu(weight: Tensor, bias: Tensor | None, a: float = POST_RELU_SCALE,
+                     c: float = POST_RELU_SHIFT) -> tuple[Tensor, Tensor]:
+    """Weights of a layer that reads ``o = a·r + c`` and must compute what it computed on ``r``.
+
+    Args:
+        weight: the consumer's weight ``W2``, output units on dim 0.
+        bias: the consumer's bias ``b2`` or None.
+        a: scale of the post-ReLU correction.
+        c: shift of the post-ReLU correction.
+
+    Returns:
+        ``W2' = W2/a`` in the weight's dtype (one correctly rounded division) and
+        ``b2' = b2 − (c/a)·ΣW2`` in float64 (the sum runs over each unit's whole filter, so the
+        border must be padded with ``c`` for a convolution).
+    """
+    w = weight.detach()
+    total = w.flatten(1).sum(dim=1, dtype=torch.float64)
+    b = bias.detach().double() if bias is not None else torch.zeros_like(total)
+    return w / a, b - (c / a) * total
+
+
+# -- graph analysis --------------------------------------------------------------------------
+
+@dataclass
+class _Chain:
+    """One convertible conv → BN → ReLU chain and the layers that absorb its correction."""
+
+    conv: fx.Node
+    bn: fx.Node
+    relu: fx.Node
+    consumers: list[fx.Node] = field(default_factory=list)
+
+
+def _mod(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The module a call_module node calls, else None."""
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(str(node.target))
+
+
+def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    """Short description of what a node does (for reasons in the report)."""
+    m = _mod(gm, node)
+    if m is not None:
+        return type(m).__name__
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return node.op
+
+
+def _is_bn_node(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A BatchNorm call, as a leaf module or a functional batch_norm."""
+    m = _mod(gm, node)
+    if m is not None:
+        return is_batchnorm(m) and not overrides_forward(m)
+    return node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm)
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """nn.ReLU, F.relu / torch.relu (and in-place forms) or ``x.relu()``."""
+    m = _mod(gm, node)
+    if m is not None:
+        return type(m) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in _RELU_METHODS
+
+
+def _is_residual_sum(node: fx.Node) -> bool:
+    """An add/sub of two graph values."""
+    if node.op == "call_function" and node.target in _SUM_FUNCTIONS:
+        return sum(isinstance(a, fx.Node) for a in node.args) >= 2
+    return node.op == "call_method" and node.target in ("add", "add_", "sub", "sub_") and \
+        sum(isinstance(a, fx.Node) for a in node.args) >= 2
+
+
+def _module_calls(gm: fx.GraphModule) -> dict[str, int]:
+    """How many call_module nodes call each module target."""
+    counts: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            counts[str(n.target)] = counts.get(str(n.target), 0) + 1
+    return counts
+
+
+def _commutes(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> tuple[bool, str]:
+    """Whether ``node`` (reading ``src``) commutes with ``v ↦ a·v + c``; else why not."""
+    if not node.args or node.args[0] is not src:
+        return False, f"reads the ReLU output in an unsupported position ({_describe(gm, node)})"
+    if any(a is src for a in list(node.args[1:]) + list(node.kwargs.values())):
+        return False, f"reads the ReLU output twice ({_describe(gm, node)})"
+    m = _mod(gm, node)
+    if m is not None:
+        if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+            pads = m.padding if isinstance(m.padding, tuple) else (m.padding,)
+            if getattr(m, "divisor_override", None):
+                return False, "average pool with divisor_override is not an average"
+            if any(pads) and m.count_include_pad:
+                return False, "average pool counts zero padding (count_include_pad=True)"
+            return True, ""
+        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) and m.return_indices:
+            return False, "max pool with return_indices"
+        if isinstance(m, _COMMUTING_MODULES):
+            return True, ""
+        return False, f"{type(m).__name__} does not commute with the correction"
+    if node.op == "call_function":
+        if node.target in _DROPOUT_FUNCTIONS:
+            if node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True):
+                return False, "functional dropout with training=True"
+            return True, ""
+        if node.target in _COMMUTING_FUNCTIONS:
+            if node.kwargs.get("return_indices"):
+                return False, "max pool with return_indices"
+            return True, ""
+    if node.op == "call_method" and node.target in _COMMUTING_METHODS:
+        return True, ""
+    return False, f"{_describe(gm, node)} does not commute with the correction"
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    """``x.size()``, ``x.dim()`` or ``x.shape``: reads no values."""
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return True
+    return (node.op == "call_function" and node.target is builtins.getattr
+            and len(node.args) > 1 and node.args[1] in ("shape", "ndim"))
+
+
+def _find_consumers(gm: fx.GraphModule, relu: fx.Node, calls: dict[str, int],
+                    shared: set[int]) -> tuple[list[fx.Node], list[str]]:
+    """Walk forward from a ReLU to the affine layers that can absorb the correction.
+
+    Returns:
+        ``(consumers, problems)``; the chain is convertible when ``problems`` is empty.
+    """
+    consumers: list[fx.Node] = []
+    problems: list[str] = []
+    stack, seen = [relu], {relu}
+    while stack:
+        cur = stack.pop()
+        for user in cur.users:
+            if _is_shape_query(user):
+                continue
+            where = f"'{user.name}'"
+            if _is_residual_sum(user):
+                problems.append(f"post-ReLU output reaches residual sum {where} "
+                                f"({_describe(gm, user)}): offsets do not cancel")
+                continue
+            if user.op == "output":
+                problems.append("post-ReLU output is a graph output (no layer absorbs the "
+                                "correction)")
+                continue
+            m = _mod(gm, user)
+            if isinstance(m, _AFFINE_TYPES) or isinstance(m, NormPropBase):
+                reason = _consumer_problem(m, user, cur, calls, shared)
+                if reason:
+                    problems.append(f"next layer {where}: {reason}")
+                elif user not in consumers:
+                    consumers.append(user)
+                continue
+            ok, reason = _commutes(gm, user, cur)
+            if not ok:
+                problems.append(f"post-ReLU output reaches {where}: {reason}")
+            elif user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return consumers, problems
+
+
+def _consumer_problem(m: nn.Module, node: fx.Node, src: fx.Node,
+                      calls: dict[str, int], shared: set[int]) -> str:
+    """Why a conv/linear cannot absorb the correction ('' when it can)."""
+    if isinstance(m, NormPropBase):
+        return "already a NormProp layer (its weight normalisation hides a rescale)"
+    if not node.args or node.args[0] is not src or len(node.args) > 1 or node.kwargs:
+        return "unexpected call signature"
+    if calls.get(str(node.target), 0) > 1:
+        return f"module '{node.target}' is called {calls[str(node.target)]} times"
+    if any(id(p) in shared for p in m.parameters(recurse=False)):
+        return f"module '{node.target}' shares its weight with another module (tied weights)"
+    return ""
+
+
+def _shared_params(gm: fx.GraphModule) -> set[int]:
+    """ids of parameters held by more than one module (tied weights)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for mod in gm.modules():
+        for p in mod.parameters(recurse=False):
+            (shared if id(p) in seen else seen).add(id(p))
+    return shared
+
+
+def _chain_problem(gm: fx.GraphModule, bn_node: fx.Node,
+                   calls: dict[str, int]) -> tuple[_Chain | None, str]:
+    """Match conv → BN → ReLU around ``bn_node``; return the chain or the refusal reason."""
+    bn = _mod(gm, bn_node)
+    if bn is None:
+        return None, "functional batch_norm call (only BatchNorm modules are converted)"
+    if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
+        return None, "no running statistics (track_running_stats=False): not affine in eval"
+    if calls.get(str(bn_node.target), 0) > 1:
+        return None, f"BN module is called {calls[str(bn_node.target)]} times"
+    src = bn_node.args[0] if bn_node.args else None
+    conv = _mod(gm, src) if isinstance(src, fx.Node) else None
+    if src is None or not isinstance(conv, _AFFINE_TYPES) or isinstance(conv, NormPropBase):
+        what = _describe(gm, src) if isinstance(src, fx.Node) else "nothing"
+        return None, f"BN not preceded by Conv1d/2d/3d or Linear (input is {what})"
+    if calls.get(str(src.target), 0) > 1:
+        return None, f"conv module '{src.target}' is called {calls[str(src.target)]} times"
+    if len(src.users) != 1:
+        return None, f"conv output '{src.name}' has {len(src.users)} users"
+    if isinstance(conv, nn.Linear) and conv.out_features != bn.num_features:
+        return None, "Linear out_features differ from the BN's num_features"
+    users = list(bn_node.users)
+    if len(users) != 1:
+        return None, f"BN output has {len(users)} users ({', '.join(u.name for u in users)})"
+    nxt = users[0]
+    if _is_residual_sum(nxt):
+        return None, f"BN output feeds residual sum '{nxt.name}' ({_describe(gm, nxt)}), not a ReLU"
+    if not _is_relu(gm, nxt):
+        return None, (f"BN output feeds '{nxt.name}' ({_describe(gm, nxt)}): NormProp is "
+                      "defined for ReLU only")
+    if nxt.args[0] is not bn_node:
+        return None, "ReLU reads the BN output in an unexpected position"
+    return _Chain(src, bn_node, nxt), ""
+
+
+# -- rewriting -------------------------------------------------------------------------------
+
+def _conv_pad_pairs(conv: nn.Module) -> tuple[int, ...]:
+    """A conv's zero padding in F.pad order (last dim first, left/right)."""
+    pairs = getattr(conv, "_reversed_padding_repeated_twice", None)
+    if pairs is not None:
+        return tuple(int(p) for p in pairs)
+    return tuple(p for v in reversed(conv.padding) for p in (v, v))
+
+
+def _needs_pad_value(m: nn.Module) -> bool:
+    """True for a conv whose zero padding must become a ``c`` padding."""
+    return (isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.padding_mode == "zeros"
+            and any(_conv_pad_pairs(m)))
+
+
+def _absorb(m: nn.Module) -> None:
+    """Apply :func:`absorb_post_relu` to a conv/linear module in place."""
+    w2, b2 = absorb_post_relu(m.weight, m.bias)
+    with torch.no_grad():
+        m.weight.copy_(w2.to(m.weight.dtype))
+        if m.bias is None:
+            m.bias = nn.Parameter(b2.to(device=m.weight.device, dtype=m.weight.dtype))
+        else:
+            m.bias.copy_(b2.to(m.bias.dtype))
+
+
+def _build_layer(conv: nn.Module, bn: nn.Module, kappa: float, pad_value: float) -> NormPropBase:
+    """The NormProp layer reproducing ``bn(conv(x))`` (conv already corrected if needed)."""
+    s, t = norm_scale_shift(bn)
+    gamma, beta = normprop_params(conv.weight, conv.bias, s, t, kappa)
+    factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+    cls = NORMPROP_LAYERS[type(conv)] if type(conv) in NORMPROP_LAYERS else None
+    if cls is None:  # a subclass of a torch layer: use its base's NormProp layer
+        cls = next(v for k, v in NORMPROP_LAYERS.items() if isinstance(conv, k))
+    if isinstance(conv, nn.Linear):
+        layer: NormPropBase = cls(conv.in_features, conv.out_features, kappa=kappa, **factory)
+    else:
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                    _conv_pad_pairs(conv), conv.dilation, conv.groups,
+                    padding_mode=conv.padding_mode, padding_value=pad_value, kappa=kappa,
+                    **factory)
+    with torch.no_grad():
+        layer.weight.copy_(conv.weight)
+        layer.gamma.copy_(gamma.to(layer.gamma.dtype))
+        layer.beta.copy_(beta.to(layer.beta.dtype))
+    return layer
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    """A submodule path based on ``base`` that is not yet taken."""
+    name, i = base, 1
+    while True:
+        try:
+            gm.get_submodule(name)
+        except AttributeError:
+            return name
+        name, i = f"{base}_{i}", i + 1
+
+
+def _insert_pad(gm: fx.GraphModule, node: fx.Node, conv: nn.Module, value: float) -> None:
+    """Pad a plain conv's input explicitly with ``value`` and set its own padding to 0."""
+    pairs = _conv_pad_pairs(conv)
+    src = node.args[0]
+    with gm.graph.inserting_before(node):
+        pad = gm.graph.call_function(F.pad, (src, list(pairs)),
+                                     {"mode": "constant", "value": value})
+    node.replace_input_with(src, pad)
+    conv.padding = (0,) * len(conv.kernel_size)
+    conv._reversed_padding_repeated_twice = [0] * (2 * len(conv.kernel_size))
+
+
+def to_normprop(gm: fx.GraphModule, *, strict: bool = True, kappa: float = KAPPA,
+                **opts: Any) -> tuple[fx.GraphModule, PassReport]:
+    """Convert every Conv/Linear → BatchNorm → ReLU chain to NormProp, eval-exact.
+
+    Each converted chain becomes a NormProp layer (``γ·(W∗x)/(κ‖W_i‖₂) + β``) followed by the
+    kept ReLU and a :class:`~normswap.norms.normprop.NormPropCorrection`; the layers that read
+    the corrected activations are rescaled (``W/a``, ``b − (c/a)ΣW``, border padded with ``c``)
+    so that the eval-mode output is unchanged. See the module docstring for the math.
+
+    Args:
+        gm: graph traced in eval mode from a private copy (mutated and returned).
+        strict: raise :class:`UnsupportedNodeError` listing every BatchNorm that cannot be
+            converted (True), or keep those as BatchNorm and report each (False).
+        kappa: the NormProp constant κ stored in the new layers (absorbed into γ).
+        **opts: ignored (accepted for the uniform pass signature).
+
+    Returns:
+        The rewritten graph module and the report.
+
+    Raises:
+        UnsupportedNodeError: ``strict=True`` and at least one BatchNorm cannot be converted.
+    """
+    if opts:
+        log.debug("to_normprop ignores options %s", sorted(opts))
+    report = PassReport(title="to_normprop")
+    calls = _module_calls(gm)
+    shared = _shared_params(gm)
+    chains: list[_Chain] = []
+    refused: list[tuple[fx.Node, str, str]] = []
+    for node in list(gm.graph.nodes):
+        if not _is_bn_node(gm, node):
+            continue
+        chain, reason = _chain_problem(gm, node, calls)
+        if chain is not None:
+            chain.consumers, problems = _find_consumers(gm, chain.relu, calls, shared)
+            reason = "; ".join(problems)
+            if problems:
+                chain = None
+        if chain is None:
+            refused.append((node, _describe(gm, node), reason))
+        else:
+            chains.append(chain)
+
+    def label(n: fx.Node) -> str:
+        return str(n.target) if n.op == "call_module" else n.name
+
+    if not chains and not refused:
+        report.note("no BatchNorm found: nothing to convert")
+    if refused and strict:
+        lines = [f"  {label(n)} ({op}): {why}" for n, op, why in refused]
+        raise UnsupportedNodeError(
+            f"to_normprop cannot convert {len(refused)} BatchNorm node(s):\n" + "\n".join(lines)
+            + "\nNormProp is defined for plain conv/linear → BN → ReLU chains. Remedy: pass "
+            "strict=False to keep these as BatchNorm, or use a module-level method "
+            "(e.g. 'l1') for residual networks.")
+    for n, op, why in refused:
+        report.skip(label(n), op, why)
+
+    # 1) every consumer absorbs the correction of the chain that feeds it
+    had_bias = {c.conv for c in chains if _mod(gm, c.conv).bias is not None}
+    absorbed: list[fx.Node] = []
+    for chain in chains:
+        for cons in chain.consumers:
+            _absorb(_mod(gm, cons))
+            absorbed.append(cons)
+    # 2) conv + BN become a NormProp layer (from the already corrected conv weights)
+    converted: set[fx.Node] = set()
+    for chain in chains:
+        conv_name, bn_name = str(chain.conv.target), str(chain.bn.target)
+        conv, bn = _mod(gm, chain.conv), _mod(gm, chain.bn)
+        pad_value = POST_RELU_SHIFT if chain.conv in absorbed and _needs_pad_value(conv) else 0.0
+        layer = _build_layer(conv, bn, kappa, pad_value)
+        if chain.conv in had_bias:
+            report.key_map[f"{conv_name}.bias"] = None
+        for key in bn.state_dict():
+            report.key_map[f"{bn_name}.{key}"] = None
+        layer.train(conv.training)
+        gm.add_submodule(conv_name, layer)
+        chain.bn.replace_all_uses_with(chain.conv)
+        gm.graph.erase_node(chain.bn)
+        gm.delete_submodule(bn_name)
+        corr_name = _free_name(gm, f"{bn_name}_correction")
+        gm.add_submodule(corr_name, NormPropCorrection().train(bn.training))
+        with gm.graph.inserting_after(chain.relu):
+            corr = gm.graph.call_module(corr_name, (chain.relu,))
+        chain.relu.replace_all_uses_with(corr, delete_user_cb=lambda u, c=corr: u is not c)
+        converted.add(chain.conv)
+        report.change(bn_name, f"{type(conv).__name__}+{type(bn).__name__}+ReLU",
+                      f"{type(layer).__name__}+ReLU+NormPropCorrection",
+                      f"conv '{conv_name}', correction '{corr_name}'")
+    # 3) plain consumers (not converted themselves) pad with c instead of 0
+    for cons in absorbed:
+        m = _mod(gm, cons)
+        detail = "W/a, b - (c/a)·sum(W)"
+        if cons not in converted and _needs_pad_value(m):
+            _insert_pad(gm, cons, m, POST_RELU_SHIFT)
+            detail += ", zero padding -> explicit pad with c"
+        elif cons in converted and _needs_pad_value_layer(m):
+            detail += ", NormProp padding_value = c"
+        report.change(str(cons.target), type(m).__name__,
+                      f"{type(m).__name__} reading NormProp-corrected input", detail)
+    if chains:
+        report.note(f"converted {len(chains)} chain(s) to NormProp; eval output unchanged, "
+                    "train mode uses NormProp (no batch statistics)")
+    if refused:
+        report.warn(f"{len(refused)} BatchNorm node(s) kept as BatchNorm (strict=False)")
+    gm.graph.eliminate_dead_code(is_impure_node=is_impure)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, report
+
+
+def _needs_pad_value_layer(m: nn.Module) -> bool:
+    """True for a NormProp conv that pads with a non-zero constant."""
+    return getattr(m, "padding_value", 0.0) != 0.0 and any(getattr(m, "padding", (0,)))
