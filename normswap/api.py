@@ -48,7 +48,7 @@ def _trace_or_explain(model: nn.Module, leaf_modules: Sequence[str],
 
 def swap(model: nn.Module, method: str, *, example_inputs: Any = None, verify: bool = True,
          rtol: float = 1e-4, strict: bool = True, leaf_modules: Sequence[str] = (),
-         **options: Any) -> nn.Module:
+         sync: bool = False, process_group: Any = None, **options: Any) -> nn.Module:
     """Return a copy of ``model`` with every BatchNorm replaced by ``method``.
 
     The caller's model is never modified. The returned module carries ``normswap_report``
@@ -66,6 +66,9 @@ def swap(model: nn.Module, method: str, *, example_inputs: Any = None, verify: b
         strict: raise :class:`UnsupportedNodeError` when any normalisation cannot be swapped;
             with ``strict=False`` it is kept as is and listed in the report.
         leaf_modules: qualified names of submodules the tracer must not enter.
+        sync: replace the new L1/L∞/Kalman layers by their ``torch.distributed`` sync variants
+            (statistics reduced across ``process_group``, like ``nn.SyncBatchNorm``).
+        process_group: the group for ``sync`` (default: the whole world).
         **options: method options (``k`` for linf, ``gain`` for kalman, ``init`` for selu ...).
 
     Returns:
@@ -81,6 +84,10 @@ def swap(model: nn.Module, method: str, *, example_inputs: Any = None, verify: b
     flags = {n: mod.training for n, mod in model.named_modules()}
     work = copy.deepcopy(model).eval()
     gm = _trace_or_explain(work, leaf_modules, report)
+    inputs = _as_inputs(example_inputs)
+    guessed = inputs is None
+    if guessed:
+        inputs = default_example_inputs(work, gm)
     factory_options = {k: v for k, v in options.items() if k != "priors"}
     result: nn.Module
     if gm is None:
@@ -97,7 +104,7 @@ def swap(model: nn.Module, method: str, *, example_inputs: Any = None, verify: b
             report.warn(f"no graph: '{m.name}' layers run without graph context "
                         "(Kalman layers get no propagated prior)")
     elif m.graph_pass is not None:
-        result, sub = m.graph_pass(gm, strict=strict, **options)
+        result, sub = m.graph_pass(gm, strict=strict, example_inputs=inputs, **options)
         report.extend(sub)
         report.metrics["mode"] = "graph"
         report.metrics["swapped"] = len(sub.changes)
@@ -130,17 +137,25 @@ def swap(model: nn.Module, method: str, *, example_inputs: Any = None, verify: b
     refuse_if_strict(leftover, strict and m.graph_pass is None)
     report.metrics["swap_seconds"] = round(time.perf_counter() - t0, 4)
     if verify and m.eval_exact:
-        _verify(model, result, example_inputs, rtol, report)
+        _verify(model, result, inputs, rtol, report, guessed=guessed)
     elif not m.eval_exact:
         report.warn(f"'{m.name}' changes the function: outputs are not expected to match the "
                     "original; fine-tune (or retrain) the converted model")
     else:
         report.note("equivalence check skipped (verify=False)")
+    if sync:
+        from .distributed import convert_sync, is_sync_layer
+
+        result = convert_sync(result, process_group)
+        n_sync = sum(is_sync_layer(mod) for mod in result.modules())
+        report.note(f"{n_sync} layer(s) made distributed-sync (statistics reduced across the "
+                    "process group in train mode)")
     for n, mod in result.named_modules():  # the caller's train/eval flags, module by module
         mod.training = flags.get(n, model.training)
     result.normswap_report = report  # type: ignore[assignment]
     result.normswap_method = {"method": m.name, "options": _plain(options),
-                              "leaf_modules": list(leaf_modules), "strict": strict}
+                              "leaf_modules": list(leaf_modules), "strict": strict,
+                              "sync": sync}
     log.info("swap -> %s: %d changed, %d skipped", m.name, len(report.changes),
              len(report.skips))
     return result
@@ -154,35 +169,38 @@ def _needs_graph(gm: fx.GraphModule, post_pass: bool) -> bool:
 
 
 def _note_dropped(source: nn.Module, result: nn.Module, report: PassReport) -> None:
-    """Warn about parameterised modules the eval-mode trace did not reach (and so dropped)."""
+    """Record keys the rewrite renamed or dropped, and warn about parameterised modules that the
+    eval-mode trace did not reach (train-only branches such as auxiliary heads)."""
     kept = {n for n, _ in result.named_modules()}
+    touched = {c.node for c in report.changes} | {s.node for s in report.skips}
     dropped = [n for n, mod in source.named_modules()
-               if n and n not in kept and any(True for _ in mod.parameters(recurse=False))]
+               if n and n not in kept and n not in touched
+               and not any(t.startswith(n + ".") or n.startswith(t + ".") for t in touched)
+               and any(True for _ in mod.parameters(recurse=False))]
     report.note("returned an fx.GraphModule traced in eval mode: Python control flow on "
                 "self.training inside traced modules is frozen to its eval branch")
     if dropped:
         report.warn(f"{len(dropped)} module(s) with parameters are not used by the eval-mode "
                     f"forward and are not in the result (e.g. auxiliary heads): "
                     f"{dropped[:6]}{' ...' if len(dropped) > 6 else ''}")
-        for n in dropped:
-            for k in source.get_submodule(n).state_dict():
-                report.key_map[f"{n}.{k}"] = None
+    new_keys = set(result.state_dict().keys())
+    for k in source.state_dict():
+        if k not in new_keys and k not in report.key_map:
+            report.key_map[k] = None
 
 
 def _plain(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
-def _verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, rtol: float,
-            report: PassReport) -> None:
-    inputs = _as_inputs(example_inputs)
+def _verify(original: nn.Module, rewritten: nn.Module, inputs: tuple[Any, ...] | None,
+            rtol: float, report: PassReport, *, guessed: bool = False) -> None:
+    """Check eval equivalence and record it; a guessed input that does not fit is reported."""
     if inputs is None:
-        gm = rewritten if isinstance(rewritten, fx.GraphModule) else None
-        inputs = default_example_inputs(rewritten, gm)
-        if inputs is None:
-            report.warn("equivalence NOT verified: could not guess an input; pass "
-                        "example_inputs=...")
-            return
+        report.warn("equivalence NOT verified: could not guess an input; pass "
+                    "example_inputs=...")
+        return
+    if guessed:
         report.note(f"verified on a generated input of shape {list(inputs[0].shape)}")
     pairs = [(c.node, c.node) for c in report.changes]
     t0 = time.perf_counter()
@@ -191,7 +209,7 @@ def _verify(original: nn.Module, rewritten: nn.Module, example_inputs: Any, rtol
     except NormswapError:
         raise
     except Exception as exc:  # noqa: BLE001 - the guessed input may not suit the model
-        if example_inputs is None:
+        if guessed:
             report.warn(f"equivalence NOT verified: the generated input failed "
                         f"({type(exc).__name__}: {exc}); pass example_inputs=...")
             return
@@ -225,13 +243,35 @@ def inspect(model: nn.Module, methods: Iterable[str] | None = None, *,
 
 
 def fold(model: nn.Module, *, leaf_modules: Sequence[str] = (), example_inputs: Any = None,
-         verify: bool = True, rtol: float = 1e-4) -> nn.Module:
-    """Fold eval-mode normalisations and weight norms into plain weights (a copy; see
-    :func:`normswap.passes.fold_conv_bn.fold_model`). The result carries ``normswap_report``."""
+         verify: bool = True, rtol: float = 1e-4, fold_weight_norms: bool = True) -> nn.Module:
+    """Fold eval-mode normalisations and weight norms into plain weights, for inference.
+
+    BatchNorm and every normswap norm layer (per-channel affine maps in eval mode) fold into the
+    preceding Conv/ConvTranspose/Linear; a norm that cannot fold becomes one per-channel affine
+    and the report says why. Weight norms (legacy hooks, parametrizations, bounded WN) become
+    plain weights. The caller's model is not modified.
+
+    Args:
+        model: the model to fold (folded as in eval mode).
+        leaf_modules: submodules the tracer must not enter.
+        example_inputs: inputs used for shape propagation (Linear→BatchNorm1d folds need the
+            rank) and for the equivalence check; guessed from the first layer when omitted.
+        verify: compare eval outputs of the folded and original model.
+        rtol: tolerance of that check.
+        fold_weight_norms: also fold weight normalisation.
+
+    Returns:
+        The folded model, carrying ``normswap_report``.
+    """
     from .passes.fold_conv_bn import fold_model
 
-    folded, report = fold_model(model, leaf_modules=leaf_modules)
+    inputs = _as_inputs(example_inputs)
+    guessed = inputs is None
+    if guessed:
+        inputs = default_example_inputs(model)
+    folded, report = fold_model(model, leaf_modules=leaf_modules, example_inputs=inputs,
+                                fold_weight_norms=fold_weight_norms)
     if verify:
-        _verify(model, folded, example_inputs, rtol, report)
+        _verify(model, folded, inputs, rtol, report, guessed=guessed)
     folded.normswap_report = report  # type: ignore[assignment]
     return folded

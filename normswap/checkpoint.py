@@ -223,6 +223,7 @@ def load(arch: str | None, path: str | os.PathLike[str], **arch_kwargs: Any) -> 
     kwargs = {**meta.get("arch_kwargs", {}), **arch_kwargs}
     model = build_arch(spec, **kwargs).eval()
     converted = swap(model, meta["method"], verify=False, strict=meta.get("strict", True),
-                     leaf_modules=meta.get("leaf_modules", ()), **meta.get("options", {}))
+                     leaf_modules=meta.get("leaf_modules", ()), sync=meta.get("sync", False),
+                     **meta.get("options", {}))
     load_weights(converted, sd, source=f"'{path}'")
     return converted.eval()

@@ -156,8 +156,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         model = fold(model, example_inputs=example)
     rep = export_onnx(model, example, args.output, fp16=args.fp16, force=args.force,
                       dynamic_batch=not args.static_batch)
-    print(rep.table() if hasattr(rep, "table") else rep)
-    return 0 if str(getattr(rep, "verdict", "pass")).lower().startswith("pass") else 2
+    print(rep.table())
+    return 0 if rep.passed in (True, None) else 2
 
 
 def build_parser() -> argparse.ArgumentParser:

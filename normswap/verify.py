@@ -72,6 +72,13 @@ def _flatten(out: Any) -> list[torch.Tensor]:
     return []
 
 
+def _input_layer(m: nn.Module) -> bool:
+    """A layer whose attributes tell the input's shape (conv/linear-like, or a BatchNorm)."""
+    return (hasattr(m, "in_features") or (hasattr(m, "in_channels")
+                                           and hasattr(m, "kernel_size"))
+            or isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
 def default_example_inputs(model: nn.Module, gm: fx.GraphModule | None = None,
                            batch: int = 2, spatial: int = 64) -> Inputs | None:
     """Guess an input from the first Conv/Linear/BN module the input reaches; None if unsure."""
@@ -90,14 +97,13 @@ def default_example_inputs(model: nn.Module, gm: fx.GraphModule | None = None,
             seen.add(n)
             if n.op == "call_module" and str(n.target) in modules:
                 m = modules[str(n.target)]
-                if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear,
-                                  nn.modules.batchnorm._BatchNorm)):
+                if _input_layer(m):
                     first = m
                     break
             frontier.extend(n.users)
     else:
         for m in model.modules():
-            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            if _input_layer(m):
                 first = m
                 break
     if first is None:
@@ -106,10 +112,10 @@ def default_example_inputs(model: nn.Module, gm: fx.GraphModule | None = None,
     p = next(iter(first.parameters()), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     device = p.device if p is not None else torch.device("cpu")
-    if isinstance(first, nn.Linear):
-        shape: list[int] = [batch, first.in_features]
-    elif isinstance(first, nn.modules.conv._ConvNd):
-        c = first.in_channels
+    if hasattr(first, "in_features"):
+        shape: list[int] = [batch, int(first.in_features)]
+    elif hasattr(first, "in_channels") and hasattr(first, "kernel_size"):
+        c = int(first.in_channels)
         nd = len(first.kernel_size)
         shape = [batch, c] + ([128] if nd == 1 else [spatial] * 2 if nd == 2 else [8, 32, 32])
     else:

@@ -316,3 +316,16 @@ def test_unguessable_input_is_reported_not_silent() -> None:
 
     out = normswap.swap(TwoInputs().eval(), "l1")
     assert any("NOT verified" in w.message for w in out.normswap_report.warnings)
+
+
+def test_sync_option_converts_layers_and_keeps_keys() -> None:
+    from normswap.distributed import is_sync_layer
+
+    model = _net()
+    x = torch.randn(4, 3, 8, 8)
+    plain = normswap.swap(model, "l1", example_inputs=x)
+    synced = normswap.swap(model, "l1", example_inputs=x, sync=True)
+    assert sum(is_sync_layer(m) for m in synced.modules()) == 4
+    assert set(synced.state_dict()) == set(plain.state_dict())
+    with torch.no_grad():  # without a process group the sync layers act as the plain ones
+        assert torch.equal(synced.eval()(x), plain.eval()(x))

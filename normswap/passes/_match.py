@@ -23,6 +23,8 @@ __all__ = [
     "batchnorm_like_modules",
     "FUNCTIONAL_BATCH_NORM",
     "find_untraceable",
+    "is_impure",
+    "eliminate_dead_code",
 ]
 
 log = logging.getLogger(__name__)
@@ -146,3 +148,23 @@ def find_untraceable(model: nn.Module, leaf_modules: Iterable[str] = (),
         return found
 
     return visit("", model, 0)
+
+
+def is_impure(node: fx.Node) -> bool:
+    """fx's purity test, plus in-place calls (``x.relu_()``, ``inplace=True``) kept by DCE."""
+    if node.is_impure():
+        return True
+    if node.op == "call_module":
+        owner = node.graph.owning_module
+        return owner is not None and bool(getattr(owner.get_submodule(str(node.target)),
+                                                  "inplace", False))
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    inplace = bool(node.kwargs.get("inplace", False)) or (
+        node.op in ("call_method", "call_function") and str(name).endswith("_")
+        and not str(name).startswith("_"))
+    return inplace
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """fx dead-code elimination that keeps in-place calls whose result is unused."""
+    gm.graph.eliminate_dead_code(is_impure_node=is_impure)

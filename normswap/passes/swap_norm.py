@@ -23,6 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..errors import UnsupportedNodeError
 from ..report import PassReport
 from ._match import (
+    eliminate_dead_code,
     FUNCTIONAL_BATCH_NORM,
     batchnorm_like_modules,
     is_batchnorm,
@@ -134,7 +135,7 @@ def swap_norm(gm: fx.GraphModule, factory: Factory, *, source: nn.Module | None 
             report.change(qual, _describe(mod), _describe(new), detail)
         elif node.op == "call_function" and node.target in FUNCTIONAL_BATCH_NORM:
             _swap_functional(gm, node, factory, source, report, seen, options)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
     return gm, report
