@@ -47,7 +47,7 @@ def _trace_or_explain(model: nn.Module, leaf_modules: Sequence[str],
 
 
 def swap(model: nn.Module, method: str, *, example_inputs: Any = None, verify: bool = True,
-         rtol: float = 1e-4, strict: bool = True, leaf_modules: Sequence[str] = (),
+         rtol: float | None = None, strict: bool = True, leaf_modules: Sequence[str] = (),
          sync: bool = False, process_group: Any = None, **options: Any) -> nn.Module:
     """Return a copy of ``model`` with every BatchNorm replaced by ``method``.
 
@@ -62,7 +62,9 @@ def swap(model: nn.Module, method: str, *, example_inputs: Any = None, verify: b
         example_inputs: a tensor or tuple of inputs for the equivalence check; guessed from the
             first layer when omitted.
         verify: check eval-mode equivalence for methods that claim it.
-        rtol: tolerance of that check, ``max|Δ| / max|reference|``.
+        rtol: tolerance of that check, ``max|Δ| / max|reference|``; by default 1e-4 for
+            float32/64 inputs, 1e-2 for float16 and 5e-2 for bfloat16 (rounding of the half
+            formats accumulates over depth).
         strict: raise :class:`UnsupportedNodeError` when any normalisation cannot be swapped;
             with ``strict=False`` it is kept as is and listed in the report.
         leaf_modules: qualified names of submodules the tracer must not enter.
@@ -193,13 +195,20 @@ def _plain(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
+_DEFAULT_RTOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
 def _verify(original: nn.Module, rewritten: nn.Module, inputs: tuple[Any, ...] | None,
-            rtol: float, report: PassReport, *, guessed: bool = False) -> None:
+            rtol: float | None, report: PassReport, *, guessed: bool = False) -> None:
     """Check eval equivalence and record it; a guessed input that does not fit is reported."""
     if inputs is None:
         report.warn("equivalence NOT verified: could not guess an input; pass "
                     "example_inputs=...")
         return
+    if rtol is None:
+        dtype = next((t.dtype for t in inputs if isinstance(t, torch.Tensor)
+                      and t.is_floating_point()), torch.float32)
+        rtol = _DEFAULT_RTOL.get(dtype, 1e-4)
     if guessed:
         report.note(f"verified on a generated input of shape {list(inputs[0].shape)}")
     pairs = [(c.node, c.node) for c in report.changes]
@@ -243,7 +252,8 @@ def inspect(model: nn.Module, methods: Iterable[str] | None = None, *,
 
 
 def fold(model: nn.Module, *, leaf_modules: Sequence[str] = (), example_inputs: Any = None,
-         verify: bool = True, rtol: float = 1e-4, fold_weight_norms: bool = True) -> nn.Module:
+         verify: bool = True, rtol: float | None = None, fold_weight_norms: bool = True
+         ) -> nn.Module:
     """Fold eval-mode normalisations and weight norms into plain weights, for inference.
 
     BatchNorm and every normswap norm layer (per-channel affine maps in eval mode) fold into the
@@ -257,7 +267,7 @@ def fold(model: nn.Module, *, leaf_modules: Sequence[str] = (), example_inputs: 
         example_inputs: inputs used for shape propagation (Linear→BatchNorm1d folds need the
             rank) and for the equivalence check; guessed from the first layer when omitted.
         verify: compare eval outputs of the folded and original model.
-        rtol: tolerance of that check.
+        rtol: tolerance of that check (default by dtype, as in :func:`swap`).
         fold_weight_norms: also fold weight normalisation.
 
     Returns:

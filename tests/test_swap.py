@@ -329,3 +329,32 @@ def test_sync_option_converts_layers_and_keeps_keys() -> None:
     assert set(synced.state_dict()) == set(plain.state_dict())
     with torch.no_grad():  # without a process group the sync layers act as the plain ones
         assert torch.equal(synced.eval()(x), plain.eval()(x))
+
+
+@pytest.mark.parametrize("method", ["l1", "linf", "kalman", "normprop", "selu"])
+def test_swapped_torchvision_resnet_trains(method: str) -> None:
+    """A train step through torchvision's in-place ReLUs (custom autograd outputs must not be
+    views), in both memory layouts."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(4, 3, 32, 32).to(memory_format=layout)
+        out = normswap.swap(model.to(memory_format=layout), method, example_inputs=x,
+                            strict=False).train()
+        opt = torch.optim.SGD(out.parameters(), lr=0.01)
+        loss = F.cross_entropy(out(x), torch.tensor([0, 1, 2, 3]))
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in out.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("method", ["l1", "linf", "kalman"])
+def test_half_precision_model_verifies_with_half_tolerance(method: str) -> None:
+    model = _net().half()
+    x = torch.randn(4, 3, 16, 16).half()
+    out = normswap.swap(model, method, example_inputs=x)
+    assert out.normswap_report.metrics["verify.rtol"] == 1e-2
+    assert out.normswap_report.metrics["verify.passed"] is True
