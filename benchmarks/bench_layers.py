@@ -12,6 +12,16 @@ Usage::
     python benchmarks/bench_layers.py            # full grid, eager and torch.compile paths
     python benchmarks/bench_layers.py --quick    # 32x64x56x56 fp32 only, few repetitions
     python benchmarks/bench_layers.py --no-compile
+    python benchmarks/bench_layers.py --thp       # re-run with THP_MEM_ALLOC_ENABLE=1
+    python benchmarks/bench_layers.py --keep-heap # re-run with glibc never returning memory
+
+On glibc, every fresh 25 MB tensor costs ~6k page faults (~10 ms here, more than the kernel that
+fills it), so results depend on how many full-size buffers a layer allocates; ``--thp`` turns on
+PyTorch's transparent-huge-page allocation, ``--keep-heap`` sets ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` so freed buffers are reused without faults (compute-bound numbers,
+the most reproducible ones on a shared machine). The compiled
+path is measured for the first shape only by default (``--compile-all`` for every shape): each
+new dtype/layout costs a compile.
 
 Writes ``benchmarks/results/layers.json`` (rows plus a machine description).
 """
@@ -104,22 +114,28 @@ def make_layers(dims: int, with_kalman: bool) -> dict[str, Callable[[], nn.Modul
 
 
 def time_pair(fn_ref: Callable[[], Any], fn: Callable[[], Any], reps: int, warmup: int
-              ) -> tuple[float, float, float]:
-    """Interleaved timing: (median ms of ref, median ms of fn, median of per-rep ratios)."""
+              ) -> dict[str, float]:
+    """Interleaved timing of ``fn_ref`` (BN) and ``fn`` on two clocks.
+
+    Returns median ms of each on the wall clock and on the process CPU clock
+    (``time.process_time``: robust when other jobs share the cores; with several threads it sums
+    them), and the median of the per-repetition ratios ``fn / fn_ref`` on each clock.
+    """
     for _ in range(warmup):
         fn_ref()
         fn()
-    t_ref, t_fn, ratios = [], [], []
+    rows: list[tuple[float, float, float, float]] = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         fn_ref()
-        t1 = time.perf_counter()
+        w1, c1 = time.perf_counter(), time.process_time()
         fn()
-        t2 = time.perf_counter()
-        t_ref.append((t1 - t0) * 1e3)
-        t_fn.append((t2 - t1) * 1e3)
-        ratios.append((t2 - t1) / (t1 - t0))
-    return statistics.median(t_ref), statistics.median(t_fn), statistics.median(ratios)
+        w2, c2 = time.perf_counter(), time.process_time()
+        rows.append((w1 - w0, w2 - w1, max(c1 - c0, 1e-9), c2 - c1))
+    med = statistics.median
+    return {"ref_wall_ms": med(r[0] for r in rows) * 1e3, "wall_ms": med(r[1] for r in rows) * 1e3,
+            "ref_cpu_ms": med(r[2] for r in rows) * 1e3, "cpu_ms": med(r[3] for r in rows) * 1e3,
+            "ratio_wall": med(r[1] / r[0] for r in rows), "ratio_cpu": med(r[3] / r[2] for r in rows)}
 
 
 def train_step(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
@@ -150,7 +166,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure the grid and return the JSON document."""
     torch.manual_seed(0)
     bw = bandwidth_gbs(5 if args.quick else 10)
-    print(f"copy bandwidth {bw:.1f} GB/s; floor = {PASSES_FLOOR} passes / bandwidth")
+    print(f"copy bandwidth {bw:.1f} GB/s; floor = {PASSES_FLOOR} passes / bandwidth; "
+          f"threads={torch.get_num_threads()}; "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}; "
+          f"keep-heap={'MALLOC_TRIM_THRESHOLD_' in os.environ}")
     try:
         from normswap.norms import kalman  # noqa: F401
 
@@ -159,13 +178,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with_kalman = False
         print(f"note: Kalman row skipped (normswap.norms.kalman not importable: {exc})")
     shapes = {k: SHAPES[k] for k in (["32x64x56x56"] if args.quick else SHAPES)}
+    first = next(iter(shapes))
     dtypes = {k: DTYPES[k] for k in (["fp32"] if args.quick else args.dtypes)}
     modes = ["eager"] + ([] if args.no_compile else ["compile"])
     reps, warmup = (5, 2) if args.quick else (args.reps, 3)
     rows: list[dict[str, Any]] = []
-    header = (f"{'layer':<11}{'path':<8}{'dtype':<6}{'layout':<7}{'shape':<15}"
-              f"{'train ms':>9}{'BN ms':>8}{'ratio':>7}{'xfloor':>8}"
-              f"{'eval ms':>9}{'BN ev':>8}{'ratio':>7}")
+    header = (f"{'layer':<10}{'path':<8}{'dtype':<5}{'layout':<7}{'shape':<14}"
+              f"{'train ms':>9}{'BN ms':>8}{'r_wall':>7}{'r_cpu':>7}{'xfloor':>7}"
+              f"{'eval ms':>8}{'BN ev':>7}{'r_wall':>7}{'r_cpu':>7}")
     print(header)
     print("-" * len(header))
     for shape_name, shape in shapes.items():
@@ -181,6 +201,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 bn_eval = bn_for(shape, dtype).eval()
                 factories = make_layers(len(shape) - 2 if len(shape) == 4 else 1, with_kalman)
                 for mode in modes:
+                    if mode == "compile" and not (args.compile_all or shape_name == first):
+                        continue
                     lp_functional.set_compile(mode == "compile")
                     for lname, factory in factories.items():
                         if mode == "compile" and lname == "Kalman":
@@ -190,28 +212,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         row = {"layer": lname, "path": mode, "dtype": dname, "layout": layout,
                                "shape": shape_name}
                         try:
-                            tb, tl, r = time_pair(train_step(bn, x, g), train_step(layer, x, g),
-                                                  reps, warmup)
-                            eb, el, er = time_pair(eval_step(bn_eval, x), eval_step(layer_eval, x),
-                                                   reps, warmup)
+                            tr = time_pair(train_step(bn, x, g), train_step(layer, x, g), reps,
+                                           warmup)
+                            ev = time_pair(eval_step(bn_eval, x), eval_step(layer_eval, x), reps,
+                                           warmup)
                         except Exception as exc:  # noqa: BLE001 - report and continue the grid
                             row["error"] = f"{type(exc).__name__}: {exc}"
-                            print(f"{lname:<11}{mode:<8}{dname:<6}{layout:<7}{shape_name:<15} "
+                            print(f"{lname:<10}{mode:<8}{dname:<5}{layout:<7}{shape_name:<14} "
                                   f"error: {row['error'][:80]}")
                             rows.append(row)
                             continue
-                        row.update({"train_ms": tl, "bn_train_ms": tb, "train_ratio": r,
-                                    "floor_ms": floor_ms, "train_x_floor": tl / floor_ms,
-                                    "eval_ms": el, "bn_eval_ms": eb, "eval_ratio": er})
+                        row.update({"train": tr, "eval": ev, "floor_ms": floor_ms,
+                                    "train_x_floor": tr["cpu_ms"] / floor_ms})
                         rows.append(row)
-                        print(f"{lname:<11}{mode:<8}{dname:<6}{layout:<7}{shape_name:<15}"
-                              f"{tl:9.2f}{tb:8.2f}{r:7.2f}{tl / floor_ms:8.1f}"
-                              f"{el:9.2f}{eb:8.2f}{er:7.2f}")
+                        print(f"{lname:<10}{mode:<8}{dname:<5}{layout:<7}{shape_name:<14}"
+                              f"{tr['wall_ms']:9.2f}{tr['ref_wall_ms']:8.2f}"
+                              f"{tr['ratio_wall']:7.2f}{tr['ratio_cpu']:7.2f}"
+                              f"{tr['cpu_ms'] / floor_ms:7.1f}"
+                              f"{ev['wall_ms']:8.2f}{ev['ref_wall_ms']:7.2f}"
+                              f"{ev['ratio_wall']:7.2f}{ev['ratio_cpu']:7.2f}")
     lp_functional.set_compile(False)
-    return {"machine": machine(), "copy_bandwidth_gbs": bw, "floor_passes": PASSES_FLOOR,
+    return {"machine": machine(), "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+            "malloc_keep_heap": "MALLOC_TRIM_THRESHOLD_" in os.environ,
+            "copy_bandwidth_gbs": bw, "floor_passes": PASSES_FLOOR,
             "reps": reps, "rows": rows,
             "notes": "ratio = layer time / nn.BatchNorm time, interleaved per repetition, "
-                     "median; compile rows exclude compile time (warm-up)"}
+                     "median of per-rep ratios, on the wall and the process-CPU clock; xfloor = "
+                     "CPU ms / floor; compile rows exclude compile time (warm-up)"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,16 +246,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one shape, fp32, few reps")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")
-    parser.add_argument("--reps", type=int, default=15, help="timed repetitions per cell")
+    parser.add_argument("--reps", type=int, default=11, help="timed repetitions per cell")
+    parser.add_argument("--compile-all", action="store_true",
+                        help="measure the compiled path for every shape (slow: compiles)")
+    parser.add_argument("--thp", action="store_true",
+                        help="re-run under THP_MEM_ALLOC_ENABLE=1 (huge-page allocations)")
+    parser.add_argument("--keep-heap", action="store_true",
+                        help="re-run with glibc malloc keeping freed memory (no page faults)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).resolve().parent / "results" / "layers.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default benchmarks/results/layers[_thp].json)")
     args = parser.parse_args(argv)
+    want = {}
+    if args.thp:
+        want["THP_MEM_ALLOC_ENABLE"] = "1"
+    if args.keep_heap:
+        want.update(MALLOC_MMAP_THRESHOLD_=str(1 << 40), MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+    if any(os.environ.get(k) != v for k, v in want.items()):
+        env = dict(os.environ, **want)
+        os.execve(sys.executable, [sys.executable, __file__] + (argv or sys.argv[1:]), env)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     doc = run(args)
+    if args.out is None:
+        name = "layers" + ("_thp" if args.thp else "") + ("_keepheap" if args.keep_heap else "")
+        name += ".json"
+        args.out = Path(__file__).resolve().parent / "results" / name
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
     print(f"wrote {args.out}")

@@ -121,6 +121,10 @@ def batchnorm_state(bn: nn.Module) -> BatchNormState:
         UnsupportedNodeError: ``bn`` is neither.
     """
     if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        if type(bn).forward not in _PLAIN_BN_FORWARDS:
+            logger.warning("%s overrides forward (e.g. a fused activation); only its BatchNorm "
+                           "state is converted, the extra behaviour is not carried over",
+                           type(bn).__name__)
         tensors = [t for t in (bn.weight, bn.running_mean) if t is not None]
         ref = tensors[0] if tensors else None
         return BatchNormState(
@@ -144,6 +148,9 @@ def batchnorm_state(bn: nn.Module) -> BatchNormState:
     raise UnsupportedNodeError(
         f"cannot convert {type(bn).__name__}: expected a torch BatchNorm (BatchNorm1d/2d/3d, "
         "SyncBatchNorm or a subclass) or torchvision FrozenBatchNorm2d; pass one of those")
+
+
+_PLAIN_BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 
 def _detached(t: Tensor | None) -> Tensor | None:

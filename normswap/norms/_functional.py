@@ -20,13 +20,19 @@ Backward (REFERENCE section 9), with ``g = weight * grad_out``, ``ybar = d / s``
 Everything accumulates in float32 (float64 for float64 inputs); outputs keep the input dtype,
 so pure fp16 tensors of magnitude ~1e3 stay finite (no squares anywhere).
 
-Speed: every full-size pass is a small pure "kernel" function. In eager mode they run as
-aten ops; with :func:`set_compile` (or ``NORMSWAP_COMPILE=1``) the same kernels run through
-``torch.compile`` (Inductor) fused, which cuts the passes over memory to about 3 reads + 1 write
-forward (L1; 1 + 1 for L-inf k=1) and 2 reads + 1 write backward. A kernel that fails to compile
-logs a warning once and falls back to eager for the rest of the process. The top-k selection is
-exact but avoids a full sort: a per-channel lower bound of the k-th largest |d| is taken from
-group maxima, only elements above it are gathered and ranked (k=1 needs only amax/amin).
+Speed (see benchmarks/bench_layers.py). Eager mode builds each pass from single fused aten
+kernels: per-channel sums of ``g`` and ``g*(x - mu)`` come from one call of BatchNorm's native
+eval-mode backward, affine maps ``x*a + b`` from its native eval forward, and temporaries are
+reused as outputs (a fresh 25 MB buffer costs ~6k page faults on glibc, more than a pass). L1
+saves ``sign(x - mu)`` as int8 (1 byte/element) for its backward. With :func:`set_compile` (or
+``NORMSWAP_COMPILE=1``) the passes run as ``torch.compile``d (Inductor) kernels instead: about
+3 reads + 1 write forward for L1, 2 + 1 for L-inf, and 2 reads + 1 write backward, with no
+temporaries. A kernel that fails to compile logs one warning and runs eagerly from then on.
+
+The top-k selection is exact without ranking all n elements: one reduction gives every group's
+(spatial position's, or batch row's) max and min; the k largest ``|d|`` always lie in the k
+groups with the largest extreme ``|d|``, so only those k groups are gathered and ranked. For
+k = 1 this is an argmax over the (C, H*W) table of group extrema.
 """
 
 from __future__ import annotations
@@ -181,12 +187,6 @@ def _index(cdim: int, n: Tensor, c: Tensor, r: Tensor) -> tuple[Tensor, Tensor, 
     return (n, c, r) if cdim == 1 else (n, r, c)
 
 
-def _unindex(cdim: int, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(n, c, r) from ``nonzero()`` rows of the working view."""
-    a, b, c = idx.unbind(1)
-    return (a, b, c) if cdim == 1 else (a, c, b)
-
-
 def _like_layout(g: Tensor, x: Tensor) -> Tensor:
     """``g`` with x's strides (so views and compiled kernels see one layout), copying if needed."""
     if g.stride() == x.stride():
@@ -308,6 +308,10 @@ def _topk_select(xw: Tensor, cdim: int, mu: Tensor, k: int,
     else:
         gmax, gmin, over_batch = groups
     gabs = torch.maximum(gmax.to(mu.dtype) - mu[:, None], mu[:, None] - gmin.to(mu.dtype))
+    if over_batch:
+        gabs = gabs.contiguous()  # (C, N) from a transposed view; topk is ~3x faster on rows
+    if over_batch and R == 1:  # every group is one element: the groups are the answer
+        return gabs.topk(k, dim=1)
     top_g = gabs.topk(k, dim=1).indices                      # (C, k) best groups per channel
     c_i = torch.arange(C, device=xw.device)[:, None]
     if over_batch:   # groups are batch rows: members (C, k, R)
@@ -386,6 +390,12 @@ def _param_grads(weight: Tensor | None, bias: Tensor | None, sum_g: Tensor, sum_
     return gw, gb
 
 
+def _own(y: Tensor) -> Tensor:
+    """A Function's output must not be a view (in-place ops on it would be refused): copy the
+    rare views that the layout helpers could not avoid."""
+    return y.clone(memory_format=torch.preserve_format) if y._is_view() else y
+
+
 class _L1BatchNormFn(torch.autograd.Function):
     """L1 batch norm: forward returns (y, mu, s_raw); backward in closed form."""
 
@@ -403,17 +413,33 @@ class _L1BatchNormFn(torch.autograd.Function):
             y = _unwork(_call("affine", _affine_fused, xw, cdim, mu, w / s, b), x, cdim)
         else:
             mu = xw.mean(_rd(cdim), dtype=acc)
-            sgn = torch.sub(xw, _pc(mu, cdim)).sign_()
-            sum_sign, sum_abs = _sums_g_gd_native(_unwork(sgn.to(x.dtype), x, cdim), x, mu)
+            mu_b = _pc(mu, cdim)
+            if x.dtype == acc:  # fp32/fp64: x - mu is exact in sign (Sterbenz), sign it in place
+                # the buffer is allocated in x's layout so that the output returned below is a
+                # base tensor, not a view (in-place ops after the layer, e.g. ReLU(inplace=True),
+                # are forbidden on views created inside a custom Function)
+                out = torch.empty_like(x)
+                ow, ocdim = _work(out)
+                if ocdim != cdim or ow.shape != xw.shape or ow.data_ptr() != out.data_ptr():
+                    ow = None
+                sgn = (torch.sub(xw, mu_b) if ow is None else torch.sub(xw, mu_b, out=ow)).sign_()
+            else:               # fp16/bf16: compare in fp32 (a rounded difference can underflow)
+                sgn = torch.gt(xw, mu_b).to(x.dtype).add_(torch.lt(xw, mu_b), alpha=-1)
+            sum_sign, sum_abs = _sums_g_gd_native(_unwork(sgn, x, cdim), x, mu)
             s_raw = sum_abs * (C_L1 / n)
             s = s_raw + eps
-            ctx.sign = _unwork(sgn.to(torch.int8), x, cdim)  # 1 byte/element for backward
             ctx.sum_sign = sum_sign
-            del sgn
-            y = _affine_native(x, mu, w / s, b)
+            if x.dtype == acc:  # keep 1 byte/element and reuse the buffer as the output
+                ctx.sign = _unwork(sgn.to(torch.int8), x, cdim)
+                yw = torch.sub(xw, _pc(mu, cdim), out=sgn)
+                yw.mul_(_pc(w / s, cdim)).add_(_pc(b, cdim))
+                y = out if ow is not None else _unwork(yw, x, cdim)
+            else:               # fp16/bf16: the sign in x's dtype keeps backward on fast kernels
+                ctx.sign = _unwork(sgn, x, cdim)
+                y = _affine_native(x, mu, w / s, b)
         ctx.save_for_backward(x, weight, bias, mu, s)
         ctx.mark_non_differentiable(mu, s_raw)
-        return y, mu, s_raw
+        return _own(y), mu, s_raw
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, _gm: Any, _gs: Any
@@ -431,8 +457,9 @@ class _L1BatchNormFn(torch.autograd.Function):
         else:
             sum_g, sum_gd = _sums_g_gd_native(grad_y, x, mu)
             alpha, beta, kappa = _l1_coefficients(sum_g, sum_gd, ctx.sum_sign, s, w, n)
-            dx = _scale_shift_native(grad_y, alpha, beta, mu.dtype)
-            dx = dx.addcmul_(ctx.sign, _cb(-kappa, x)).to(x.dtype)
+            dx = _scale_shift_native(grad_y, alpha, beta, x.dtype)
+            neg_kappa = -kappa if ctx.sign.dtype == torch.int8 else (-kappa).to(x.dtype)
+            dx = dx.addcmul_(ctx.sign, _cb(neg_kappa, x))
             dxw = _work_as(dx, cdim)
         gwt, gbt = _param_grads(weight, bias, sum_g, sum_gd, s, ctx.needs_input_grad)
         dx = _unwork(dxw, x, cdim) if ctx.needs_input_grad[0] else None
@@ -458,8 +485,10 @@ class _LinfBatchNormFn(torch.autograd.Function):
         else:
             if N == 1 and not over_batch:  # each position is its own group: no reduction
                 mu = xw.mean(_rd(cdim), dtype=acc)
-                gmax = xw[0] if cdim == 1 else xw[0].t()
-                gmin = gmax
+                gmax = gmin = xw[0] if cdim == 1 else xw[0].t()
+            elif R == 1 and over_batch:    # each batch row is its own group
+                mu = xw.mean(_rd(cdim), dtype=acc)
+                gmax = gmin = xw[:, :, 0].t() if cdim == 1 else xw[:, 0, :].t()
             elif fused:
                 mu, gmax, gmin = _call("group_minmax", _group_minmax, xw, cdim, over_batch)
             else:
@@ -476,7 +505,7 @@ class _LinfBatchNormFn(torch.autograd.Function):
         ctx.k = k
         ctx.save_for_backward(x, weight, bias, mu, s, flat)
         ctx.mark_non_differentiable(mu, s_raw)
-        return y, mu, s_raw
+        return _own(y), mu, s_raw
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, _gm: Any, _gs: Any

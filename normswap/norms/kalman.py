@@ -191,7 +191,7 @@ class KalmanBatchNorm(_NormBase):
         Returns:
             ``y``, or ``(y, stats)`` when ``return_stats``.
         """
-        y, stats = self._normalise_with_stats(x, prior)
+        y, stats = self._normalise_with_stats(x, prior, want_stats=return_stats)
         return (y, stats) if return_stats else y
 
     def forward_with_stats(self, x: Tensor, prior: Sequence[Tensor] | None = None
@@ -209,8 +209,14 @@ class KalmanBatchNorm(_NormBase):
         """
         return self(x, prior, return_stats=True)
 
-    def _normalise_with_stats(self, x: Tensor, prior: Sequence[Tensor] | None
-                              ) -> tuple[Tensor, Moments | None]:
+    def _native_ok(self, x: Tensor) -> bool:
+        """Whether ``F.batch_norm`` can run this layer's train step on ``x`` as is."""
+        dtypes = {t.dtype for t in (self.weight, self.bias, self.running_mean, self.running_var)
+                  if t is not None}
+        return x.dtype in (torch.float32, torch.float64) and dtypes <= {x.dtype}
+
+    def _normalise_with_stats(self, x: Tensor, prior: Sequence[Tensor] | None,
+                              want_stats: bool = True) -> tuple[Tensor, Moments | None]:
         """The forward pass proper."""
         self._check_input_dim(x)
         name = type(self).__name__
@@ -228,6 +234,19 @@ class KalmanBatchNorm(_NormBase):
             raise ValueError(f"{name}: expected more than 1 value per channel when training "
                              f"(got input of size {tuple(x.shape)}); use a larger batch or "
                              "eval mode")
+        if prior is None and not want_stats and self._native_ok(x):
+            # no prior and nobody reads the moments: Kalman BN is BatchNorm here, so use the
+            # fused native kernel (same statistics, same running-statistics update)
+            factor = 0.0
+            if self.track_running_stats and self.running_mean is not None:
+                if self.num_batches_tracked is not None:
+                    self.num_batches_tracked.add_(1)
+                    if self.momentum is None:
+                        factor = 1.0 / float(self.num_batches_tracked)
+                if self.momentum is not None:
+                    factor = self.momentum
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                True, factor, self.eps), None
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         dims = [0, *range(2, x.dim())]
         batch_var, batch_mean = torch.var_mean(xf, dim=dims, correction=0)
@@ -272,15 +291,16 @@ class KalmanBatchNorm(_NormBase):
                 unbiased.to(self.running_var.dtype), alpha=factor)
 
     def _affine_normalise(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        """``weight * (x - mean) / sqrt(var + eps) + bias`` broadcast over channel dim 1."""
+        """``weight * (x - mean) / sqrt(var + eps) + bias`` broadcast over channel dim 1, as one
+        fused multiply-add ``x * a + b`` with per-channel ``a``, ``b``."""
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        scale = torch.rsqrt(var + self.eps)
+        a = torch.rsqrt(var + self.eps)
         if self.weight is not None:
-            scale = scale * self.weight.to(scale.dtype)
-        y = (x - mean.reshape(shape)) * scale.reshape(shape)
+            a = a * self.weight.to(a.dtype)
+        b = -mean * a
         if self.bias is not None:
-            y = y + self.bias.to(y.dtype).reshape(shape)
-        return y
+            b = b + self.bias.to(a.dtype)
+        return torch.addcmul(b.reshape(shape), x, a.reshape(shape))
 
     # -- conversions --------------------------------------------------------------------------
     @classmethod

@@ -718,11 +718,11 @@ class SyncKalmanBatchNorm(_SyncMixin, KalmanBatchNorm):
             return GAIN_MICRO_BATCH if batch < self.auto_gain_threshold else GAIN_LARGE_BATCH
         return float(self.gain)
 
-    def _normalise_with_stats(self, x: Tensor, prior: Sequence[Tensor] | None
-                              ) -> tuple[Tensor, Moments | None]:
+    def _normalise_with_stats(self, x: Tensor, prior: Sequence[Tensor] | None,
+                              want_stats: bool = True) -> tuple[Tensor, Moments | None]:
         """The forward pass; global moments in train mode under a process group."""
         if not self._need_sync():
-            return super()._normalise_with_stats(x, prior)
+            return super()._normalise_with_stats(x, prior, want_stats)
         self._check_input_dim(x)
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         batch_mean, batch_var, n, batch = sync_moments(xf, self.process_group)

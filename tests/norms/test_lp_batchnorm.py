@@ -198,6 +198,24 @@ def test_constant_channel_is_finite() -> None:
         assert_close(y[:, 1], torch.zeros_like(y[:, 1]))
 
 
+@pytest.mark.parametrize("kind,k", [("l1", 1), ("linf", 1), ("linf", 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_with_other_layout_or_expanded_grad(kind: str, k: int, dtype: torch.dtype) -> None:
+    x = _rand((6, 5, 4, 3), seed=9, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w, b = _affine(5, dtype=torch.float32)
+    fast, ref = _layer_fn(kind, k)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for g in (_rand((6, 5, 4, 3), seed=2, dtype=dtype),             # contiguous vs NHWC input
+              torch.ones((), dtype=dtype).expand(6, 5, 4, 3)):     # stride-0 grad of .sum()
+        xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
+        grads = torch.autograd.grad(fast(xx, ww, bb), (xx, ww, bb), g)
+        xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))
+        want = torch.autograd.grad(ref(xr, wr, br), (xr, wr, br), g.double())
+        for got, exp in zip(grads, want):
+            scale = exp.abs().max().clamp_min(1.0)
+            assert_close(got.double() / scale, exp / scale, rtol=0, atol=tol)
+
+
 # ---------------------------------------------------------------------------------------------
 # running statistics
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +369,18 @@ def test_from_frozen_batchnorm() -> None:
         layer.train()  # frozen: train mode still uses the running statistics
         assert_close(layer(x), fbn(x), rtol=1e-5, atol=1e-5)
         assert int(layer.num_batches_tracked) == 0
+
+
+def test_from_batchnorm_warns_when_subclass_overrides_forward(caplog) -> None:
+    class BatchNormAct2d(nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(super().forward(x))
+
+    bn = _randomize_bn(BatchNormAct2d(3)).eval()
+    with caplog.at_level("WARNING"):
+        layer = l1_from_batchnorm(bn)
+    assert type(layer) is L1BatchNorm2d  # a BatchNorm2d subclass keeps the 2d class
+    assert "BatchNormAct2d overrides forward" in caplog.text
 
 
 def test_from_batchnorm_rejects_other_modules() -> None:
