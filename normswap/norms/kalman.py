@@ -213,6 +213,8 @@ class KalmanBatchNorm(_NormBase):
         """Whether ``F.batch_norm`` can run this layer's train step on ``x`` as is."""
         dtypes = {t.dtype for t in (self.weight, self.bias, self.running_mean, self.running_var)
                   if t is not None}
+        if x.dtype in (torch.float16, torch.bfloat16):  # native CPU/GPU kernels accumulate
+            return dtypes <= {x.dtype, torch.float32}   # in fp32, mixed parameters allowed
         return x.dtype in (torch.float32, torch.float64) and dtypes <= {x.dtype}
 
     def _normalise_with_stats(self, x: Tensor, prior: Sequence[Tensor] | None,

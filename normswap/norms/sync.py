@@ -63,7 +63,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._common import stats_dtype
-from ._functional import C_L1, linf_constant, topk_abs_deviation
+from ._functional import C_L1, _param_grads, linf_constant, topk_abs_deviation
 from .kalman import (
     GAIN_LARGE_BATCH,
     GAIN_MICRO_BATCH,
@@ -176,14 +176,6 @@ def _local_sums_g_gd(grad_y: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
     dims = _reduce_dims(d)
     g = grad_y.to(d.dtype)
     return g.sum(dims), (g * d).sum(dims)
-
-
-def _param_grads(weight: Tensor | None, bias: Tensor | None, sum_g: Tensor, sum_gd: Tensor,
-                 s: Tensor, needs: tuple[bool, ...]) -> tuple[Tensor | None, Tensor | None]:
-    """Local grad_weight = sum(grad_out * d) / s and grad_bias = sum(grad_out)."""
-    gw = (sum_gd / s).to(weight.dtype) if weight is not None and needs[1] else None
-    gb = sum_g.to(bias.dtype) if bias is not None and needs[2] else None
-    return gw, gb
 
 
 # ---------------------------------------------------------------------------------------------
