@@ -358,3 +358,37 @@ def test_half_precision_model_verifies_with_half_tolerance(method: str) -> None:
     out = normswap.swap(model, method, example_inputs=x)
     assert out.normswap_report.metrics["verify.rtol"] == 1e-2
     assert out.normswap_report.metrics["verify.passed"] is True
+
+
+def test_kalman_swap_wires_priors_from_the_graph_and_trains_at_batch_two() -> None:
+    import torchvision
+
+    from normswap.norms.kalman import KalmanBatchNorm
+
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18(num_classes=4)).eval()
+    out = normswap.swap(model, "kalman", example_inputs=torch.randn(2, 3, 32, 32))
+    rep = out.normswap_report
+    wired = [c for c in rep.changes if c.before.startswith("Kalman")]
+    assert len(wired) == 19  # every layer but the stem's bn1 gets a prior
+    assert all("prior from" in c.detail for c in wired)
+    seen: dict[str, bool] = {}
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def f(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            prior = kwargs.get("prior", args[1] if len(args) > 1 else None)
+            seen[name] = prior is not None
+        return f
+
+    for name, m in out.named_modules():
+        if isinstance(m, KalmanBatchNorm):
+            m.register_forward_pre_hook(hook(name), with_kwargs=True)
+    out.train()
+    opt = torch.optim.SGD(out.parameters(), lr=0.01)
+    for _ in range(2):
+        loss = F.cross_entropy(out(torch.randn(2, 3, 32, 32)), torch.tensor([0, 3]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+    assert seen["bn1"] is False and sum(seen.values()) == 19

@@ -25,6 +25,7 @@ __all__ = [
     "find_untraceable",
     "is_impure",
     "eliminate_dead_code",
+    "leaf_function",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,16 @@ def _no_check(_x: Any) -> None:
     """Stand-in for BatchNorm's input-dim check while tracing."""
 
 
+LEAF_FUNCTIONS: list[Any] = []
+
+
+def leaf_function(fn: Any) -> Any:
+    """Mark a helper that passes insert as ``call_function`` nodes: re-tracing a rewritten
+    GraphModule keeps it as one node instead of tracing into its Python control flow."""
+    LEAF_FUNCTIONS.append(fn)
+    return fn
+
+
 class NormTracer(fx.Tracer):
     """Tracer with BatchNorms and normswap layers as leaves.
 
@@ -79,7 +90,7 @@ class NormTracer(fx.Tracer):
     """
 
     def __init__(self, leaf_modules: Iterable[str] = ()) -> None:
-        super().__init__()
+        super().__init__(autowrap_functions=tuple(LEAF_FUNCTIONS))
         self.leaf_names = set(leaf_modules)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...],

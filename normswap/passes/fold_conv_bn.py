@@ -515,6 +515,13 @@ def fold_model(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
     if inputs:
         with torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
+    if any(n.op == "call_function" and getattr(n.target, "__module__", "").endswith("kalman_prior")
+           for n in gm.graph.nodes):
+        # the Kalman prior wiring only matters in train mode: drop it before folding
+        from .kalman_prior import remove_kalman_priors
+
+        gm, prior_report = remove_kalman_priors(gm)
+        report.extend(prior_report)
     gm, fold_report = fold_conv_bn(gm, train_mode=train_mode, trainable_affine=trainable_affine)
     report.extend(fold_report)
     return gm, report

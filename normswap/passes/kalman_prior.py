@@ -59,7 +59,7 @@ from torch import Tensor, fx, nn
 
 from ..norms.kalman import KalmanBatchNorm, Moments, set_kalman_gain
 from ..report import PassReport
-from ._match import eliminate_dead_code
+from ._match import eliminate_dead_code, leaf_function
 
 __all__ = [
     "propagate_kalman_priors",
@@ -266,6 +266,7 @@ def _warn_once(key: str, message: str) -> None:
         log.warning(message)
 
 
+@leaf_function
 def _mom_kalman_out(stats: Moments | None, weight: Tensor | None, bias: Tensor | None,
                     eps: float, raw: bool) -> Moments | None:
     """Output moments of a Kalman layer from the stats it returned."""
@@ -278,11 +279,13 @@ def _mom_kalman_out(stats: Moments | None, weight: Tensor | None, bias: Tensor |
                               weight, bias, eps)
 
 
+@leaf_function
 def _mom_relu(mom: Moments | None) -> Moments | None:
     """ReLU moments or None."""
     return None if mom is None else relu_moments(mom[0], mom[1])
 
 
+@leaf_function
 def _mom_conv(mom: Moments | None, x: Tensor, weight: Tensor, bias: Tensor | None,
               stride: Any, padding: Any, dilation: Any, groups: int, padding_mode: str,
               padding_aware: bool) -> Moments | None:
@@ -294,6 +297,7 @@ def _mom_conv(mom: Moments | None, x: Tensor, weight: Tensor, bias: Tensor | Non
                         padding_mode)
 
 
+@leaf_function
 def _mom_linear(mom: Moments | None, x: Tensor, weight: Tensor, bias: Tensor | None
                 ) -> Moments | None:
     """Linear moments or None (only for 2-D input, where dim 1 is the feature dim)."""
@@ -305,6 +309,7 @@ def _mom_linear(mom: Moments | None, x: Tensor, weight: Tensor, bias: Tensor | N
     return linear_moments(mom[0], mom[1], weight, bias)
 
 
+@leaf_function
 def _mom_add(a: Moments | float | None, b: Moments | float | None, alpha: float,
              a_is_mom: bool, b_is_mom: bool) -> Moments | None:
     """Moments of ``a + alpha*b``; Python numbers shift the mean."""
@@ -317,11 +322,13 @@ def _mom_add(a: Moments | float | None, b: Moments | float | None, alpha: float,
     return affine_moments(b[0], b[1], alpha, float(a))  # type: ignore[index,arg-type]
 
 
+@leaf_function
 def _mom_affine(mom: Moments | None, scale: float, shift: float) -> Moments | None:
     """Moments under a scalar affine map, or None."""
     return None if mom is None else affine_moments(mom[0], mom[1], float(scale), float(shift))
 
 
+@leaf_function
 def _mom_avgpool(mom: Moments | None, x: Tensor, kernel_size: Any,
                  divisor: float | None) -> Moments | None:
     """Average-pool moments for a fixed kernel, or None."""
@@ -330,6 +337,7 @@ def _mom_avgpool(mom: Moments | None, x: Tensor, kernel_size: Any,
     return avgpool_moments(mom[0], mom[1], _window(kernel_size, x.dim() - 2), divisor)
 
 
+@leaf_function
 def _mom_avgpool_shape(mom: Moments | None, x: Tensor, y: Tensor) -> Moments | None:
     """Adaptive average-pool moments (window = input/output spatial sizes), or None."""
     if mom is None:
@@ -338,6 +346,7 @@ def _mom_avgpool_shape(mom: Moments | None, x: Tensor, y: Tensor) -> Moments | N
     return avgpool_moments(mom[0], mom[1], window)
 
 
+@leaf_function
 def _mom_maxpool(mom: Moments | None, pre_relu: Moments | None, x: Tensor,
                  kernel_size: Any) -> Moments | None:
     """Max-pool moments (Clark), through the pre-ReLU moments when given, or None."""
@@ -349,11 +358,13 @@ def _mom_maxpool(mom: Moments | None, pre_relu: Moments | None, x: Tensor,
     return maxpool_moments(mom[0], mom[1], window)
 
 
+@leaf_function
 def _mom_dropout(mom: Moments | None, p: float) -> Moments | None:
     """Train-mode dropout moments, or None."""
     return None if mom is None else dropout_moments(mom[0], mom[1], float(p))
 
 
+@leaf_function
 def _mom_reshape(mom: Moments | None, x: Tensor, y: Tensor) -> Moments | None:
     """Moments through a flatten/view/reshape that keeps or expands channels, else None."""
     if mom is None:
@@ -368,6 +379,7 @@ def _mom_reshape(mom: Moments | None, x: Tensor, y: Tensor) -> Moments | None:
     return None
 
 
+@leaf_function
 def _mom_cat(moms: Sequence[Moments | None]) -> Moments | None:
     """Concatenated moments, or None."""
     if any(m is None for m in moms):

@@ -50,13 +50,22 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+# each model is first swapped with a normswap method (the deploy path of a converted model)
+SWAP = {"resnet18": "l1", "mobilenet_v3_small": "linf", "efficientnet_b0": "kalman",
+        "lraspp_mobilenet_v3_large": "l1"}
+
+
 @pytest.mark.parametrize("name", list(ZOO))
-def test_zoo_folded_fp16_export_validates(name: str, tmp_path: Path) -> None:
+def test_zoo_swapped_folded_fp16_export_validates(name: str, tmp_path: Path) -> None:
+    import normswap
+
     torch.manual_seed(0)
     model = _randomise(ZOO[name]()).eval()
     x = torch.randn(2, 3, 64, 64)
-    folded, fold_report = fold_model(model)
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    swapped = normswap.swap(model, SWAP[name], example_inputs=x)
+    folded, fold_report = fold_model(swapped)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) or hasattr(m, "eval_scale_shift")
+                   for m in folded.modules())
     assert not fold_report.skips
     path = tmp_path / f"{name}.onnx"
     report = export_onnx(folded, x, path)
