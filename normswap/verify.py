@@ -31,6 +31,13 @@ class Verification:
     input_shapes: list[list[int]]
     worst_layer: str = ""
     worst_layer_rel: float = 0.0
+    layers_checked: int = 0
+
+    @property
+    def layers_agree(self) -> bool:
+        """On a failed check: every rewritten layer still matches its original (so the gap
+        arises downstream, e.g. in discontinuous post-processing such as NMS or top-k)."""
+        return self.layers_checked > 0 and self.worst_layer_rel <= self.rtol
 
     def as_metrics(self) -> dict[str, Any]:
         return {"verify.max_abs": self.max_abs, "verify.rel": self.rel,
@@ -157,8 +164,8 @@ def verify_equivalence(original: nn.Module, rewritten: nn.Module, inputs: Inputs
     shapes = [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
     result = Verification(max_abs, rel, rtol, bool(rel <= rtol), shapes)
     if not result.passed:
-        result.worst_layer, result.worst_layer_rel = _worst_layer(original, rewritten, inputs,
-                                                                  layer_pairs)
+        (result.worst_layer, result.worst_layer_rel,
+         result.layers_checked) = _worst_layer(original, rewritten, inputs, layer_pairs)
         if raise_on_fail:
             where = (f"; the first disagreeing layer is '{result.worst_layer}' "
                      f"(relative error {result.worst_layer_rel:.3g})"
@@ -170,10 +177,11 @@ def verify_equivalence(original: nn.Module, rewritten: nn.Module, inputs: Inputs
 
 
 def _worst_layer(original: nn.Module, rewritten: nn.Module, inputs: Inputs,
-                 layer_pairs: Sequence[tuple[str, str]]) -> tuple[str, float]:
-    """First layer (in execution order) whose output differs by more than 1e-3 relative."""
+                 layer_pairs: Sequence[tuple[str, str]]) -> tuple[str, float, int]:
+    """First layer (in execution order) whose output differs by more than 1e-3 relative, else
+    the worst one; with the number of layers compared."""
     if not layer_pairs:
-        return "", 0.0
+        return "", 0.0, 0
     a_out: dict[str, torch.Tensor] = {}
     b_out: dict[str, torch.Tensor] = {}
     order: list[str] = []
@@ -202,12 +210,13 @@ def _worst_layer(original: nn.Module, rewritten: nn.Module, inputs: Inputs,
     finally:
         for h in hooks:
             h.remove()
-    worst, worst_rel = "", 0.0
+    worst, worst_rel, checked = "", 0.0, 0
     for name in order:
         if name in b_out and a_out[name].shape == b_out[name].shape:
+            checked += 1
             _, r = relative_error(b_out[name], a_out[name])
             if r > 1e-3:
-                return name, r
+                return name, r, checked
             if r > worst_rel:
                 worst, worst_rel = name, r
-    return worst, worst_rel
+    return worst, worst_rel, checked
