@@ -59,6 +59,7 @@ def bench_sweep() -> dict[str, object]:
 
     names = torchvision.models.list_models(module=torchvision.models)
     per: dict[str, float] = {}
+    rel: dict[str, float] = {}
     t0 = time.perf_counter()
     for name in names:
         if name in SKIP_SWEEP:
@@ -68,10 +69,12 @@ def bench_sweep() -> dict[str, object]:
             continue
         size = 224 if name == "maxvit_t" else 96
         t = time.perf_counter()
-        normswap.swap(model, "l1", example_inputs=torch.randn(1, 3, size, size))
+        out = normswap.swap(model, "l1", example_inputs=torch.randn(1, 3, size, size))
         per[name] = round(time.perf_counter() - t, 3)
+        rel[name] = float(out.normswap_report.metrics["verify.rel"])
     return {"models": len(per), "total_s": round(time.perf_counter() - t0, 1),
             "swap_verify_total_s": round(sum(per.values()), 1), "per_model_s": per,
+            "verify_rel": rel, "max_verify_rel": max(rel.values()),
             "skipped": sorted(SKIP_SWEEP)}
 
 
@@ -98,7 +101,8 @@ def main() -> None:
         result["sweep"] = sweep
         print(f"torchvision sweep (l1, swap + verify): {sweep['models']} models in "
               f"{sweep['total_s']} s including model construction "
-              f"({sweep['swap_verify_total_s']} s in swap)")
+              f"({sweep['swap_verify_total_s']} s in swap); worst eval relative error "
+              f"{sweep['max_verify_rel']:.2e}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 
