@@ -22,7 +22,24 @@ import torchvision
 
 import normswap
 
-SKIP_SWEEP = {"regnet_y_128gf"}  # 645M parameters: building it alone takes longer than the rest
+SKIP_SWEEP = {"regnet_y_128gf"}
+
+
+@torch.no_grad()
+def randomise_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random running statistics and affine parameters (a fresh BN is ~identity in eval)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and m.running_mean is not None:
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+            if m.weight is not None:
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+    return model  # 645M parameters: building it alone takes longer than the rest
 
 
 def _time(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
@@ -36,7 +53,7 @@ def _time(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def bench_resnet50(repeat: int, size: int) -> list[dict[str, object]]:
-    model = torchvision.models.resnet50().eval()
+    model = randomise_bn(torchvision.models.resnet50()).eval()
     x = torch.randn(1, 3, size, size)
 
     def fwd() -> None:
@@ -67,6 +84,7 @@ def bench_sweep() -> dict[str, object]:
         model = torchvision.models.get_model(name, weights=None).eval()
         if not any(isinstance(m, _BatchNorm) for m in model.modules()):
             continue
+        randomise_bn(model)
         size = 224 if name == "maxvit_t" else 96
         t = time.perf_counter()
         out = normswap.swap(model, "l1", example_inputs=torch.randn(1, 3, size, size))
