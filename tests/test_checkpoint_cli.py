@@ -141,3 +141,20 @@ def test_save_and_load_api(tmp_path: Path) -> None:
         assert torch.allclose(back(x), conv.eval()(x), atol=0, rtol=0)
     with pytest.raises(CheckpointError, match="not produced by normswap"):
         normswap.save(model, tmp_path / "n.pt", arch="torchvision:resnet18")
+
+
+def test_cli_export_fp16_folded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+
+    model, ckpt = _resnet(tmp_path)
+    out = tmp_path / "r18.onnx"
+    args = ["export", str(ckpt), "--arch", "torchvision:resnet18", "--arch-arg", "num_classes=10",
+            "-o", str(out), "--fp16", "--fold", "--input-shape", "1,3,64,64"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and "export onnx" in text
+    proto = onnx.load(str(out))
+    assert not [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
+    assert main(args) == 2  # exists: refused without --force
+    assert "--force" in capsys.readouterr().err
+    assert main(args + ["--force"]) == 0
