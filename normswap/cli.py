@@ -126,9 +126,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             elif e.kind == "skip":
                 cell[(e.node, m)] = f"kept: {e.reason[:40]}"
     w0 = max([4] + [len(n) for n in nodes])
-    print(f"{'node':<{w0}}  " + "  ".join(f"{c:<22}" for c in cols))
+    width = 30
+
+    def fit(text: str) -> str:
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    print(f"{'node':<{w0}}  " + "  ".join(f"{c:<{width}}" for c in cols))
     for n in nodes:
-        print(f"{n:<{w0}}  " + "  ".join(f"{cell.get((n, c), '-'):<22}" for c in cols))
+        print(f"{n:<{w0}}  " + "  ".join(f"{fit(cell.get((n, c), '-')):<{width}}" for c in cols))
+    print("(--json prints every reason in full)")
     for m, rep in reports.items():
         for w in rep.warnings:
             print(f"[{m}] warning: {w.message}")
