@@ -21,25 +21,9 @@ import torch
 import torchvision
 
 import normswap
+from models import randomise_bn  # benchmarks/ is on sys.path when run as a script
 
 SKIP_SWEEP = {"regnet_y_128gf"}
-
-
-@torch.no_grad()
-def randomise_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random running statistics and affine parameters (a fresh BN is ~identity in eval)."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm) and m.running_mean is not None:
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-            if m.weight is not None:
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-    return model  # 645M parameters: building it alone takes longer than the rest
 
 
 def _time(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]

@@ -37,22 +37,9 @@ if str(ROOT) not in sys.path:
 from normswap.export import export_onnx  # noqa: E402
 from normswap.passes.fold_conv_bn import fold_model  # noqa: E402
 
+from models import randomise_bn  # noqa: E402  (benchmarks/ is on sys.path)
+
 log = logging.getLogger("bench_onnx")
-
-
-@torch.no_grad()
-def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random running stats and affine parameters for every BatchNorm (in place)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-            if m.weight is not None:
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-    return model
 
 
 def default_model() -> nn.Module:

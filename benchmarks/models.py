@@ -10,18 +10,24 @@ import normswap
 
 
 @torch.no_grad()
-def _randomised_resnet50() -> nn.Module:
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50()
-    g = torch.Generator().manual_seed(0)
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random running statistics and affine parameters for every BatchNorm (in place): a fresh
+    BN is almost the identity in eval, which would make any equivalence figure meaningless."""
+    g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
             c = m.num_features
             m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
             m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-    return model.eval()
+            if m.weight is not None:
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+    return model
+
+
+def _randomised_resnet50() -> nn.Module:
+    torch.manual_seed(0)
+    return randomise_bn(torchvision.models.resnet50()).eval()
 
 
 def resnet50_bn() -> nn.Module:
