@@ -71,6 +71,12 @@ def _to(x: Any, device: torch.device | None) -> Any:
     return x
 
 
+def _is_empty(batch: Any) -> bool:
+    """A batch whose input tensor holds no sample."""
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 0
+
+
 def forward_batch(model: nn.Module, batch: Any) -> Any:
     """Run ``model`` on one batch in the forms normswap accepts.
 
@@ -192,6 +198,9 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], *, num_batches: int | 
             for batch in _progress(batches, total, progress):
                 if num_batches is not None and seen >= num_batches:
                     break
+                if _is_empty(batch):
+                    log.warning("recalibrate: skipped an empty batch (no samples)")
+                    continue
                 forward_batch(model, batch)
                 seen += 1
         if seen == 0:

@@ -168,3 +168,10 @@ def test_model_without_norm_layers_is_returned_unchanged(caplog: pytest.LogCaptu
     with caplog.at_level(logging.WARNING, logger="normswap.calibrate"):
         assert recalibrate(model, [torch.randn(2, 3)]) is model
     assert "nothing to do" in caplog.text
+
+
+def test_empty_batches_are_skipped() -> None:
+    bn = nn.BatchNorm1d(3)
+    data = torch.randn(64, 3) * 2 + 1
+    recalibrate(bn, [torch.empty(0, 3), data, (torch.empty(0, 3), None)], progress=False)
+    torch.testing.assert_close(bn.running_mean, data.mean(0))

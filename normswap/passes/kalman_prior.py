@@ -202,7 +202,9 @@ def avgpool_moments(mean: Tensor, var: Tensor, window: float,
 def _max_of_normals(window: int) -> tuple[Tensor, Tensor, float, float]:
     """Quadrature grid ``z``, weights of the density of the max of ``window`` iid N(0, 1), and
     that max's mean and variance (float64)."""
-    z = torch.linspace(-12.0, 12.0, 4801, dtype=torch.float64)
+    # 401 points over [-8, 8]: the moments change by < 0.2% against 4801 points over [-12, 12],
+    # and the per-channel integral in relu_maxpool_moments gets 12x cheaper
+    z = torch.linspace(-8.0, 8.0, 401, dtype=torch.float64)
     density = window * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI * torch.special.ndtr(z) ** (
         window - 1)
     weights = density.clone()
