@@ -53,6 +53,19 @@ def is_frozen_batchnorm(module: nn.Module) -> bool:
             and {"weight", "bias", "running_mean", "running_var"} <= names)
 
 
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def overrides_forward(module: nn.Module) -> bool:
+    """True when a BatchNorm subclass defines its own forward (extra behaviour to keep)."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module) in _BN_TYPES:
+        return False
+    for base in type(module).__mro__:
+        if base in _BN_TYPES or base is nn.modules.batchnorm._BatchNorm:
+            return type(module).forward is not base.forward
+    return True
+
+
 def bn_dims_of(module: nn.Module) -> int | None:
     """1, 2 or 3 for ``BatchNorm1d/2d/3d`` (and their subclasses), 2 for ``FrozenBatchNorm2d``,
     None for SyncBatchNorm and other BatchNorm-family classes."""
@@ -121,7 +134,7 @@ def batchnorm_state(bn: nn.Module) -> BatchNormState:
         UnsupportedNodeError: ``bn`` is neither.
     """
     if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        if type(bn).forward not in _PLAIN_BN_FORWARDS:
+        if overrides_forward(bn):
             logger.warning("%s overrides forward (e.g. a fused activation); only its BatchNorm "
                            "state is converted, the extra behaviour is not carried over",
                            type(bn).__name__)
@@ -150,7 +163,6 @@ def batchnorm_state(bn: nn.Module) -> BatchNormState:
         "SyncBatchNorm or a subclass) or torchvision FrozenBatchNorm2d; pass one of those")
 
 
-_PLAIN_BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 
 def _detached(t: Tensor | None) -> Tensor | None:

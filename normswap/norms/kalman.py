@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from ._common import is_frozen_batchnorm, overrides_forward
+
 __all__ = [
     "KalmanBatchNorm",
     "KalmanBatchNorm1d",
@@ -104,12 +106,6 @@ def _check_gain(gain: float | str) -> float | str:
         raise ValueError(f"gain must be in [0, 1] (0.9 for micro-batches, 0.05 for large "
                          f"batches) or 'auto', got {gain!r}")
     return value
-
-
-def _is_frozen_batchnorm(m: nn.Module) -> bool:
-    """torchvision's FrozenBatchNorm2d and look-alikes (parameters held as buffers)."""
-    return (type(m).__name__.startswith("FrozenBatchNorm")
-            and all(hasattr(m, a) for a in ("weight", "bias", "running_mean", "running_var")))
 
 
 class KalmanBatchNorm(_NormBase):
@@ -330,11 +326,11 @@ class KalmanBatchNorm(_NormBase):
         if unknown:
             raise TypeError(f"{cls.__name__}.from_batchnorm: unknown option(s) "
                             f"{sorted(unknown)}; accepted: {sorted(_OPTION_NAMES)}")
-        frozen = _is_frozen_batchnorm(bn)
+        frozen = is_frozen_batchnorm(bn)
         if not (frozen or isinstance(bn, _BatchNorm)):
             raise TypeError(f"{cls.__name__}.from_batchnorm expects a BatchNorm module, "
                             f"got {type(bn).__name__}")
-        if isinstance(bn, _BatchNorm) and _overrides_forward(bn):
+        if isinstance(bn, _BatchNorm) and overrides_forward(bn):
             log.warning("%s overrides forward(); only its normalisation is copied to %s",
                         type(bn).__name__, cls.__name__)
         ref = next((t for t in (getattr(bn, "running_mean", None), getattr(bn, "weight", None))
@@ -468,12 +464,6 @@ class KalmanBatchNorm3d(KalmanBatchNorm):
         return nn.BatchNorm3d
 
 
-def _overrides_forward(bn: _BatchNorm) -> bool:
-    """True when a BatchNorm subclass defines its own forward."""
-    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, _BatchNorm)
-    return type(bn).forward not in {c.forward for c in plain}
-
-
 def kalman_from_batchnorm(bn: nn.Module, **options: Any) -> KalmanBatchNorm:
     """Convert a BatchNorm into the matching Kalman layer (eval-exact).
 
@@ -491,7 +481,7 @@ def kalman_from_batchnorm(bn: nn.Module, **options: Any) -> KalmanBatchNorm:
     cls: type[KalmanBatchNorm] = KalmanBatchNorm
     if isinstance(bn, nn.BatchNorm1d):
         cls = KalmanBatchNorm1d
-    elif isinstance(bn, nn.BatchNorm2d) or _is_frozen_batchnorm(bn):
+    elif isinstance(bn, nn.BatchNorm2d) or is_frozen_batchnorm(bn):
         cls = KalmanBatchNorm2d
     elif isinstance(bn, nn.BatchNorm3d):
         cls = KalmanBatchNorm3d

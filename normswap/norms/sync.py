@@ -63,7 +63,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._common import stats_dtype
-from ._functional import C_L1, _param_grads, linf_constant, topk_abs_deviation
+from ._functional import C_L1, _param_grads, _params, linf_constant, topk_abs_deviation
 from .kalman import (
     GAIN_LARGE_BATCH,
     GAIN_MICRO_BATCH,
@@ -160,15 +160,6 @@ def _check_global_n(n: int, x: Tensor, who: str) -> None:
         raise ValueError(f"{who}: expected more than 1 value per channel in the global batch "
                          f"when training, got {n} (local input of shape {tuple(x.shape)}); "
                          "use eval mode or a larger batch")
-
-
-def _params(x: Tensor, weight: Tensor | None, bias: Tensor | None, acc: torch.dtype
-            ) -> tuple[Tensor, Tensor]:
-    """weight/bias as (C,) tensors in ``acc`` (ones/zeros when None)."""
-    C = x.shape[1]
-    w = torch.ones(C, dtype=acc, device=x.device) if weight is None else weight.to(acc)
-    b = torch.zeros(C, dtype=acc, device=x.device) if bias is None else bias.to(acc)
-    return w, b
 
 
 def _local_sums_g_gd(grad_y: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..norms._common import is_frozen_batchnorm, overrides_forward
+
 __all__ = [
     "BN_TYPES",
     "NormTracer",
@@ -34,22 +36,6 @@ BN_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
 )
 FUNCTIONAL_BATCH_NORM = (F.batch_norm, torch.batch_norm)
-
-
-def is_frozen_batchnorm(m: nn.Module) -> bool:
-    """torchvision's FrozenBatchNorm2d (and look-alikes): BN whose parameters are buffers."""
-    return (type(m).__name__.startswith("FrozenBatchNorm")
-            and all(hasattr(m, a) for a in ("weight", "bias", "running_mean", "running_var")))
-
-
-def overrides_forward(m: nn.Module) -> bool:
-    """True when a BatchNorm subclass defines its own forward (extra behaviour to keep)."""
-    if not isinstance(m, _BatchNorm) or type(m) in BN_TYPES:
-        return False
-    for base in type(m).__mro__:
-        if base in BN_TYPES or base is _BatchNorm:
-            return type(m).forward is not base.forward
-    return True
 
 
 def is_batchnorm(m: nn.Module) -> bool:
