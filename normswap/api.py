@@ -10,6 +10,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import fx, nn
 
+from ._modules import as_inputs
 from .errors import NormswapError, NumericalMismatchError, TracingError
 from .passes._match import FUNCTIONAL_BATCH_NORM, batchnorm_like_modules, find_untraceable, trace
 from .passes.swap_norm import refuse_if_strict, swap_modules, swap_norm
@@ -20,14 +21,6 @@ from .verify import default_example_inputs, verify_equivalence
 __all__ = ["swap", "inspect", "fold"]
 
 log = logging.getLogger(__name__)
-
-
-def _as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
 
 
 def _trace_or_explain(model: nn.Module, leaf_modules: Sequence[str],
@@ -86,7 +79,7 @@ def swap(model: nn.Module, method: str, *, example_inputs: Any = None, verify: b
     flags = {n: mod.training for n, mod in model.named_modules()}
     work = copy.deepcopy(model).eval()
     gm = _trace_or_explain(work, leaf_modules, report)
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     guessed = inputs is None
     if guessed:
         inputs = default_example_inputs(work, gm)
@@ -290,7 +283,7 @@ def fold(model: nn.Module, *, leaf_modules: Sequence[str] = (), example_inputs: 
     """
     from .passes.fold_conv_bn import fold_model
 
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     guessed = inputs is None
     if guessed:
         inputs = default_example_inputs(model)

@@ -19,38 +19,15 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ._fs import atomic_write
 from .errors import CheckpointError
 
 __all__ = ["read_state_dict", "build_arch", "load_weights", "write_checkpoint", "load",
-           "save", "atomic_write", "FORMAT_VERSION"]
+           "save", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None], *,
-                 force: bool = False) -> Path:
-    """Call ``write(tmp_path)`` then move the result onto ``path`` in one step.
-
-    No partial file is left behind when ``write`` fails; an existing ``path`` is refused unless
-    ``force``.
-    """
-    target = Path(path)
-    if target.exists() and not force:
-        raise CheckpointError(f"'{target}' already exists; pass --force (force=True) to "
-                              "overwrite it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
 
 
 def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -11,7 +11,8 @@ import torchvision
 from torch import nn
 
 import normswap
-from normswap.checkpoint import atomic_write, read_state_dict, write_checkpoint
+from normswap._fs import atomic_write
+from normswap.checkpoint import read_state_dict, write_checkpoint
 from normswap.cli import main
 from normswap.errors import CheckpointError
 from normswap.passes._match import batchnorm_like_modules

@@ -34,6 +34,8 @@ import torch
 from onnx import ModelProto
 from torch import nn
 
+from .._fs import OutputPathError, atomic_write_bytes, check_output_path
+from .._modules import as_inputs, safe_deepcopy
 from ..errors import ExportError, NumericalMismatchError
 from ..report import PassReport
 from .fp16 import (
@@ -54,7 +56,7 @@ from .validate import (
     validate_onnx,
 )
 
-__all__ = ["ExportReport", "ValidationError", "export_onnx", "export_fp32_proto", "write_atomic"]
+__all__ = ["ExportReport", "ValidationError", "export_onnx", "export_fp32_proto"]
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +132,6 @@ class ExportReport(PassReport):
         if self.validation is not None:
             lines.append(self.validation.summary())
         return "\n".join(lines)
-
-
-def _as_tuple(inputs: Any) -> tuple[Any, ...]:
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
 def _random_like(inputs: tuple[Any, ...], gen: torch.Generator) -> tuple[Any, ...]:
@@ -215,35 +213,6 @@ def export_fp32_proto(model: nn.Module, inputs: tuple[Any, ...], *, dynamic_batc
                           + " | ".join(errors)) from exc
 
 
-def write_atomic(data: bytes, path: Path, *, force: bool = False) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``.
-
-    Args:
-        data: the bytes.
-        path: the destination.
-        force: replace an existing file.
-
-    Raises:
-        ExportError: the file exists and ``force`` is False, or the write failed.
-    """
-    if path.exists() and not force:
-        raise ExportError(f"'{path}' already exists; pass force=True (CLI: --force) to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(exc, Exception):
-            raise ExportError(f"could not write '{path}': {exc}") from exc
-        raise
-
-
 def _opset(model: ModelProto) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
@@ -313,15 +282,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
         ExportError: the file exists without ``force``, export or the checker failed.
         ValidationError: validation failed and ``strict``.
     """
-    target = Path(path)
-    if target.exists() and not force:
-        raise ExportError(f"'{target}' already exists; pass force=True (CLI: --force) to "
-                          "overwrite it")
-    from ..passes.fold_conv_bn import safe_deepcopy
-
+    target = check_output_path(path, force=force)
     work = safe_deepcopy(model).eval()
-    inputs = _as_tuple(example_inputs)
-    calib = [_as_tuple(c) for c in (calibration_inputs or [])]
+    inputs = as_inputs(example_inputs)
+    calib = [as_inputs(c) for c in (calibration_inputs or [])]
     report = ExportReport(title=f"export onnx -> {target.name}", fp16=fp16)
 
     proto, report.exporter = export_fp32_proto(work, inputs, dynamic_batch=dynamic_batch,
@@ -372,7 +336,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
                 raise ValidationError(message + "\nnothing was written; pass strict=False to "
                                       "write it anyway, or widen the tolerances", report)
             report.warn(message)
-    write_atomic(data, target, force=force)
+    try:
+        atomic_write_bytes(target, data, force=force)
+    except OutputPathError:
+        raise
+    except OSError as exc:
+        raise ExportError(f"could not write '{target}': {exc}") from exc
     report.path = str(target)
     report.metrics["file_size_bytes"] = report.file_size_bytes
     log.info("wrote %s (%.2f MB)", target, report.file_size_bytes / 1e6)

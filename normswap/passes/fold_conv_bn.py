@@ -39,6 +39,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._modules import as_inputs, safe_deepcopy, set_submodule
 from ..norms.affine import ChannelAffine
 from ..report import PassReport
 from ._match import (
@@ -58,7 +59,6 @@ __all__ = [
     "fold_bn_into_weights",
     "fold_conv_bn",
     "fold_model",
-    "safe_deepcopy",
 ]
 
 log = logging.getLogger(__name__)
@@ -253,13 +253,6 @@ def _fold_site(gm: fx.GraphModule, site: _Site) -> None:
     gm.graph.erase_node(site.node)
 
 
-def _replace_submodule(gm: nn.Module, target: str, new: nn.Module) -> None:
-    """Put ``new`` at the dotted path ``target``."""
-    parent_name, _, child = target.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
-    setattr(parent, child, new)
-
-
 def _state_keys(m: nn.Module, prefix: str) -> list[str]:
     return [f"{prefix}.{k}" for k in m.state_dict().keys()]
 
@@ -348,7 +341,7 @@ def fold_conv_bn(gm: fx.GraphModule, *, train_mode: TrainMode = "skip",
                                                 trainable=trainable_affine)
         affine.train(norm.training)
         old_keys = _state_keys(norm, target)
-        _replace_submodule(gm, target, affine)
+        set_submodule(gm, target, affine)
         for site in tsites:
             where = f" (call '{site.node.name}')" if len(tsites) > 1 else ""
             report.skip(target, _layer_kind(norm), f"not folded{where}: {site.reason}")
@@ -397,12 +390,6 @@ def _trace(model: nn.Module, leaf_modules: Iterable[str | type]) -> fx.GraphModu
     return gm
 
 
-def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
-    if example_inputs is None:
-        return ()
-    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-
-
 def _fold_sequential_walk(model: nn.Module, train_mode: TrainMode) -> PassReport:
     """Fallback without a graph: fold adjacent Conv→norm pairs inside ``nn.Sequential``."""
     report = PassReport(title="fold conv+bn (module walk)")
@@ -448,27 +435,6 @@ def _fold_sequential_walk(model: nn.Module, train_mode: TrainMode) -> PassReport
     return report
 
 
-def safe_deepcopy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also copies modules holding non-leaf tensor attributes.
-
-    A legacy ``torch.nn.utils.weight_norm`` layer that has run a forward keeps ``weight`` as a
-    non-leaf tensor, which ``deepcopy`` refuses; such tensors are pre-seeded in the memo as
-    detached clones (the hook recomputes them anyway). The original is not touched.
-
-    Args:
-        model: the module to copy.
-
-    Returns:
-        An independent copy.
-    """
-    memo: dict[int, Any] = {}
-    for mod in model.modules():
-        for value in vars(mod).values():
-            if isinstance(value, Tensor) and value.grad_fn is not None:
-                memo[id(value)] = value.detach().clone()
-    return copy.deepcopy(model, memo)
-
-
 def fold_model(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
                example_inputs: Any = None, fold_weight_norms: bool = True,
                train_mode: TrainMode = "skip",
@@ -511,7 +477,7 @@ def fold_model(model: nn.Module, *, leaf_modules: Iterable[str | type] = (),
         report.warn(msg)
         report.extend(_fold_sequential_walk(work, train_mode))
         return work, report
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs) or ()
     if inputs:
         with torch.no_grad():
             ShapeProp(gm).propagate(*inputs)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .._modules import set_submodule
 from ..calibrate import forward_batch
 from ..errors import NormswapError
 from ..norms.affine import ChannelAffine
@@ -124,14 +125,6 @@ def _mod(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
 
 
-def _set_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
-    """Install ``new`` at dotted path ``target``, in the mode of the module it replaces."""
-    parent_name, _, child = target.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
-    new.train(gm.get_submodule(target).training)
-    setattr(parent, child, new)
-
-
 def _inplace_arg(node: fx.Node, position: int | None) -> bool:
     """The ``inplace`` flag of a functional activation call."""
     if "inplace" in node.kwargs:
@@ -161,7 +154,7 @@ def _replace_activations(gm: fx.GraphModule, report: PassReport) -> int:
             inplace = bool(getattr(m, "inplace", False))
             for key in m.state_dict():
                 report.key_map[f"{target}.{key}"] = None
-            _set_module(gm, target, nn.SELU(inplace=inplace))
+            set_submodule(gm, target, nn.SELU(inplace=inplace))
             report.change(target, type(m).__name__, "SELU", "in-place" if inplace else "")
             continue
         if node.op == "call_function" and (node.target in SELU_FUNCTIONS
@@ -192,7 +185,7 @@ def _replace_dropout(gm: fx.GraphModule, report: PassReport) -> None:
         if m is not None and type(m) in _DROPOUT_MODULES and str(node.target) not in done:
             done.add(str(node.target))
             new_cls = _DROPOUT_MODULES[type(m)]
-            _set_module(gm, str(node.target), new_cls(p=m.p, inplace=m.inplace))
+            set_submodule(gm, str(node.target), new_cls(p=m.p, inplace=m.inplace))
             report.change(str(node.target), type(m).__name__, new_cls.__name__, f"p={m.p}")
         elif node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
             new_fn = _DROPOUT_FUNCTIONS[node.target]

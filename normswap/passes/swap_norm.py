@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._modules import set_submodule
 from ..errors import UnsupportedNodeError
 from ..report import PassReport
 from ._match import (
@@ -31,18 +32,11 @@ from ._match import (
     overrides_forward,
 )
 
-__all__ = ["swap_norm", "swap_modules", "set_submodule", "state_key_map", "refuse_if_strict"]
+__all__ = ["swap_norm", "swap_modules", "state_key_map", "refuse_if_strict"]
 
 log = logging.getLogger(__name__)
 
 Factory = Callable[..., nn.Module]
-
-
-def set_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
-    """Install ``new`` at dotted path ``qualname`` under ``root``."""
-    parent_name, _, leaf = qualname.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, leaf, new)
 
 
 def state_key_map(prefix: str, old: nn.Module, new: nn.Module) -> dict[str, str | None]:

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from normswap.errors import ExportError, NormswapError, NumericalMismatchError
 from normswap.export import FP16_TOLERANCES, Tolerances, ValidationError, export_onnx
 from normswap.export.fp16 import convert_fp16, remove_round_trip_casts
-from normswap.export.onnx_export import export_fp32_proto, write_atomic
+from normswap._fs import atomic_write_bytes
+from normswap.export.onnx_export import export_fp32_proto
 from normswap.passes.fold_conv_bn import fold_model
 
 
@@ -213,8 +214,8 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path: Path,
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(ExportError, match="disk full"):
-        write_atomic(b"x" * 1000, path)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(path, b"x" * 1000)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,0 +1,142 @@
+"""Module-tree helpers shared by the API, the capture layer, the passes and export.
+
+* :func:`set_submodule` installs a module at a dotted path.
+* :func:`safe_deepcopy` copies a model once, also when it holds non-leaf tensor attributes
+  (a legacy ``weight_norm`` layer that has run keeps ``weight`` as one, which ``deepcopy``
+  refuses).
+* :func:`as_inputs` turns what a user passes as example inputs into a positional tuple.
+* :class:`ModuleStateGuard` snapshots every module's plain attributes and restores them, so
+  tracing never leaves state behind (a Proxy cached by a detection head, FakeTensors cached in an
+  anchor buffer).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["set_submodule", "safe_deepcopy", "as_inputs", "ModuleStateGuard", "first_float_tensor",
+           "module_device_dtype"]
+
+
+def set_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
+    """Install ``new`` at dotted path ``qualname`` under ``root`` (``""`` is not allowed).
+
+    ``new`` takes the train/eval flag of the module it replaces (when there is one).
+
+    Args:
+        root: the module tree.
+        qualname: e.g. ``"layer1.0.bn1"``.
+        new: the module to put there.
+
+    Raises:
+        ValueError: ``qualname`` is empty.
+    """
+    if not qualname:
+        raise ValueError("set_submodule: cannot replace the root module itself")
+    parent_name, _, leaf = qualname.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, leaf, None)
+    if isinstance(old, nn.Module):
+        new.train(old.training)
+    setattr(parent, leaf, new)
+
+
+def safe_deepcopy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copies modules holding non-leaf tensor attributes.
+
+    Non-leaf tensors (results of a hook, e.g. legacy ``weight_norm``'s ``weight``) are
+    pre-seeded in the memo as detached clones; the original is not touched.
+
+    Args:
+        model: the module to copy.
+
+    Returns:
+        An independent copy.
+    """
+    memo: dict[int, Any] = {}
+    for mod in model.modules():
+        for value in vars(mod).values():
+            if isinstance(value, Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
+    """Positional inputs: None stays None, a tensor (or any non-sequence) becomes ``(x,)``, a
+    tuple or list becomes a tuple of its items.
+
+    A ``dict`` is not accepted here: keyword inputs go through ``example_kwargs``.
+    """
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+_SKIP_ATTRS = frozenset({"_parameters", "_buffers", "_modules", "training",
+                         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                         "_state_dict_hooks", "_load_state_dict_pre_hooks"})
+
+
+class ModuleStateGuard:
+    """Restore every module's plain attributes (and its parameter/buffer/child slots) on exit.
+
+    Use around anything that runs a model with proxies or fake tensors (tracing, export,
+    shape propagation)::
+
+        with ModuleStateGuard(model):
+            torch.export.export(model, inputs)
+
+    Attributes set during the block are restored to their previous values, attributes added are
+    removed, and the ``_parameters``/``_buffers``/``_modules`` slots are put back as they were
+    (tensor contents are not copied: an in-place change to a buffer's data is not undone).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any],
+                                dict[str, Any], bool]] = []
+
+    def __enter__(self) -> "ModuleStateGuard":
+        self._saved = []
+        for mod in self.model.modules():
+            plain = {k: v for k, v in vars(mod).items() if k not in _SKIP_ATTRS}
+            self._saved.append((mod, plain, dict(mod._parameters), dict(mod._buffers),
+                                dict(mod._modules), mod.training))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for mod, plain, params, buffers, children, training in self._saved:
+            current = vars(mod)
+            for k in [k for k in current if k not in _SKIP_ATTRS and k not in plain]:
+                del current[k]
+            current.update(plain)
+            mod._parameters.clear()
+            mod._parameters.update(params)
+            mod._buffers.clear()
+            mod._buffers.update(buffers)
+            mod._modules.clear()
+            mod._modules.update(children)
+            mod.training = training
+        self._saved = []
+
+
+def first_float_tensor(module: nn.Module) -> Tensor | None:
+    """The first floating-point parameter or buffer of ``module`` (None if it has none)."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point():
+            return t
+    return None
+
+
+def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of a module's first floating tensor (CPU/float32 if none)."""
+    t = first_float_tensor(module)
+    if t is None:
+        return torch.device("cpu"), torch.float32
+    return t.device, t.dtype
