@@ -5,6 +5,9 @@ One line converts a trained BatchNorm model, eval-exact and verified::
     import normswap
     l1_model = normswap.swap(model, "l1")          # or "linf", "kalman", "normprop", "selu"
     print(l1_model.normswap_report)
+
+``export_onnx`` and ``recalibrate`` are loaded on first use (ONNX and the calibration loop are
+not needed to swap a model); they are the real functions, with their real signatures.
 """
 
 from __future__ import annotations
@@ -16,33 +19,42 @@ from .checkpoint import load, save
 from .errors import (
     CheckpointError,
     ExportError,
+    MethodOptionError,
     NormswapError,
     NumericalMismatchError,
     TracingError,
     UnknownMethodError,
+    UnsupportedModelError,
     UnsupportedNodeError,
+    VerificationError,
 )
-from .registry import available_methods, register_graph_method, register_norm
+from .registry import available_methods, register_method, register_norm
 from .report import PassReport
 
 __all__ = [
     "swap", "fold", "inspect", "export_onnx", "recalibrate", "load", "save",
-    "available_methods", "register_norm", "register_graph_method", "PassReport",
+    "available_methods", "register_norm", "register_method", "PassReport",
     "NormswapError", "TracingError", "UnsupportedNodeError", "NumericalMismatchError",
-    "ExportError", "CheckpointError", "UnknownMethodError",
+    "VerificationError", "ExportError", "CheckpointError", "UnknownMethodError",
+    "MethodOptionError", "UnsupportedModelError",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_LAZY = {"export_onnx": ("normswap.export", "export_onnx"),
+         "recalibrate": ("normswap.calibrate", "recalibrate")}
 
 
-def export_onnx(*args: Any, **kwargs: Any) -> Any:
-    """Export to (fp16) ONNX and validate in ONNX Runtime; see :func:`normswap.export.export_onnx`."""
-    from .export import export_onnx as _export
+def __getattr__(name: str) -> Any:
+    """Load ``export_onnx`` / ``recalibrate`` on first access (PEP 562)."""
+    if name in _LAZY:
+        import importlib
 
-    return _export(*args, **kwargs)
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'normswap' has no attribute {name!r}")
 
 
-def recalibrate(*args: Any, **kwargs: Any) -> Any:
-    """Re-estimate running statistics on data; see :func:`normswap.calibrate.recalibrate`."""
-    from .calibrate import recalibrate as _recalibrate
-
-    return _recalibrate(*args, **kwargs)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

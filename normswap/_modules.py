@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["set_submodule", "safe_deepcopy", "as_inputs", "ModuleStateGuard", "first_float_tensor",
+           "carry_module_state",
            "module_device_dtype"]
 
 
@@ -140,3 +141,32 @@ def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     if t is None:
         return torch.device("cpu"), torch.float32
     return t.device, t.dtype
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_backward_hooks", "_backward_pre_hooks")
+
+
+def carry_module_state(old: nn.Module, new: nn.Module) -> list[str]:
+    """Give ``new`` what the user set on ``old``: train/eval flag, ``requires_grad`` of
+    parameters of the same name, and forward/backward hooks.
+
+    Returns:
+        Descriptions of what could not be carried (e.g. a parameter that ``new`` lacks was
+        frozen); empty when everything was carried.
+    """
+    lost: list[str] = []
+    new.train(old.training)
+    new_params = dict(new.named_parameters(recurse=False))
+    for name, p in old.named_parameters(recurse=False):
+        q = new_params.get(name)
+        if q is not None:
+            q.requires_grad_(p.requires_grad)
+        elif not p.requires_grad:
+            lost.append(f"frozen parameter '{name}' has no counterpart")
+    for attr in _HOOK_DICTS:
+        hooks = getattr(old, attr, None)
+        if hooks:
+            getattr(new, attr).update(hooks)
+    return lost

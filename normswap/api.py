@@ -1,20 +1,39 @@
-"""The public API, composition only: swap(), inspect(), fold(), export_onnx(), save()/load()."""
+"""The public API, composition only: swap(), fold(), inspect().
+
+``swap`` = check the request -> copy the model once -> capture (:mod:`normswap.capture`) ->
+run the method's passes on every captured region and put the model back together
+(:mod:`normswap._pipeline`) -> walk the module tree for what no graph reached -> verify ->
+restore the caller's train/eval flags. ``fold`` is the same with the fold passes.
+"""
 
 from __future__ import annotations
 
-import copy
+import functools
 import logging
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from ._modules import as_inputs
-from .errors import NormswapError, NumericalMismatchError, TracingError
-from .passes._match import FUNCTIONAL_BATCH_NORM, batchnorm_like_modules, find_untraceable, trace
-from .passes.swap_norm import refuse_if_strict, swap_modules, swap_norm
-from .registry import get_method
+from ._modules import as_inputs, safe_deepcopy
+from ._pipeline import leftover_batchnorms, rewrite_regions, walk_fold, walk_swap
+from .capture import Capture, CaptureInputError, capture
+from .errors import (
+    MethodOptionError,
+    NormswapError,
+    NumericalMismatchError,
+    UnsupportedModelError,
+    UnsupportedNodeError,
+    VerificationError,
+)
+from .passes._infra import PassStep
+from .passes._match import FUNCTIONAL_BATCH_NORM, batchnorm_like_modules
+from .passes.fold_conv_bn import fold_conv_bn, is_foldable_norm
+from .passes.fold_weight_norm import fold_weight_norm
+from .passes.kalman_prior import remove_kalman_priors
+from .progress import stage
+from .registry import Method, get_method
 from .report import PassReport
 from .verify import default_example_inputs, verify_equivalence
 
@@ -22,205 +41,143 @@ __all__ = ["swap", "inspect", "fold"]
 
 log = logging.getLogger(__name__)
 
-
-def _trace_or_explain(model: nn.Module, leaf_modules: Sequence[str],
-                      report: PassReport) -> fx.GraphModule | None:
-    """Trace, or record in the report which modules broke tracing and return None."""
-    try:
-        return trace(model, leaf_modules)
-    except Exception as exc:  # noqa: BLE001 - any fx failure leads to the fallback
-        culprits = find_untraceable(model, leaf_modules)
-        names = ", ".join(f"'{q}' ({c})" for q, c, _ in culprits) or f"'<root>' ({exc})"
-        report.warn(f"could not trace the model with torch.fx: {names} "
-                    f"({culprits[0][2] if culprits else type(exc).__name__}); "
-                    "falling back to module replacement. To keep the graph, pass "
-                    f"leaf_modules={[q for q, _, _ in culprits if q != '<root>']!r}")
-        report.metrics["untraceable"] = [q for q, _, _ in culprits]
-        return None
-
-
-def swap(model: nn.Module, method: str, *, example_inputs: Any = None, verify: bool = True,
-         rtol: float | None = None, strict: bool = True, leaf_modules: Sequence[str] = (),
-         sync: bool = False, process_group: Any = None, **options: Any) -> nn.Module:
-    """Return a copy of ``model`` with every BatchNorm replaced by ``method``.
-
-    The caller's model is never modified. The returned module carries ``normswap_report``
-    (a :class:`~normswap.report.PassReport`): every node changed, every node declined and why,
-    the state_dict key map and the verification result.
-
-    Args:
-        model: any ``nn.Module`` holding BatchNorms (trained or not).
-        method: a registered method name (``"l1"``, ``"linf"``, ``"kalman"``, ``"normprop"``,
-            ``"selu"``; spellings like ``"L1_BN"`` work).
-        example_inputs: a tensor or tuple of inputs for the equivalence check; guessed from the
-            first layer when omitted.
-        verify: check eval-mode equivalence for methods that claim it.
-        rtol: tolerance of that check, ``max|Δ| / max|reference|``; by default 1e-4 for
-            float32/64 inputs, 1e-2 for float16 and 5e-2 for bfloat16 (rounding of the half
-            formats accumulates over depth).
-        strict: raise :class:`UnsupportedNodeError` when any normalisation cannot be swapped;
-            with ``strict=False`` it is kept as is and listed in the report.
-        leaf_modules: qualified names of submodules the tracer must not enter.
-        sync: replace the new L1/L∞/Kalman layers by their ``torch.distributed`` sync variants
-            (statistics reduced across ``process_group``, like ``nn.SyncBatchNorm``).
-        process_group: the group for ``sync`` (default: the whole world).
-        **options: method options (``k`` for linf, ``gain`` for kalman, ``init`` for selu ...).
-
-    Returns:
-        The rewritten model (an ``fx.GraphModule`` when the model could be traced), in the same
-        train/eval mode as ``model``.
-
-    Raises:
-        UnknownMethodError, UnsupportedNodeError, TracingError, NumericalMismatchError.
-    """
-    m = get_method(method)
-    t0 = time.perf_counter()
-    report = PassReport(title=f"normswap swap -> {m.name}")
-    flags = {n: mod.training for n, mod in model.named_modules()}
-    work = copy.deepcopy(model).eval()
-    gm = _trace_or_explain(work, leaf_modules, report)
-    inputs = as_inputs(example_inputs)
-    guessed = inputs is None
-    if guessed:
-        inputs = default_example_inputs(work, gm)
-    factory_options = {k: v for k, v in options.items() if k != "priors"}
-    result: nn.Module
-    if gm is None:
-        if m.factory is None:
-            raise TracingError(
-                f"method '{m.name}' needs the model's graph, but tracing failed: "
-                f"{report.warnings[-1].message}")
-        result, sub = swap_modules(work, m.factory, method=m.name, **factory_options)
-        report.extend(sub)
-        refuse_if_strict(sub, strict)
-        report.metrics["mode"] = "fallback"
-        report.metrics["swapped"] = len(sub.changes)
-        if m.post_pass is not None:
-            report.warn(f"no graph: '{m.name}' layers run without graph context "
-                        "(Kalman layers get no propagated prior)")
-    elif m.graph_pass is not None:
-        result, sub = m.graph_pass(gm, strict=strict, example_inputs=inputs, **options)
-        report.extend(sub)
-        report.metrics["mode"] = "graph"
-        report.metrics["swapped"] = len(sub.changes)
-        _note_dropped(work, result, report)
-    elif _needs_graph(gm, m.post_pass is not None and options.get("priors", True)):
-        result, sub = swap_norm(gm, m.factory, source=work, method=m.name, **factory_options)
-        report.extend(sub)
-        refuse_if_strict(sub, strict)
-        report.metrics["swapped"] = len(sub.changes)
-        if m.post_pass is not None and options.get("priors", True):
-            result, post = m.post_pass(result, **factory_options)
-            report.extend(post)
-        report.metrics["mode"] = "graph"
-        _note_dropped(work, result, report)
-    else:
-        # the graph showed nothing that needs it: replace modules in the user's own class, so
-        # its forward (train-time branches included) and methods stay as they are
-        result, sub = swap_modules(work, m.factory, method=m.name, **factory_options)
-        report.extend(sub)
-        refuse_if_strict(sub, strict)
-        report.metrics["mode"] = "module"
-        report.metrics["swapped"] = len(sub.changes)
-    leftover = PassReport()
-    for q, mod in batchnorm_like_modules(result):
-        if not any(getattr(s, "node", None) == q for s in report.skips):
-            leftover.skip(q, type(mod).__name__,
-                          "BatchNorm module not reached by the traced forward (unused in eval, "
-                          "or hidden behind a leaf module); left as is")
-    report.extend(leftover)
-    refuse_if_strict(leftover, strict and m.graph_pass is None)
-    report.metrics["swap_seconds"] = round(time.perf_counter() - t0, 4)
-    if verify and m.eval_exact:
-        _verify(model, result, inputs, rtol, report, guessed=guessed)
-    elif not m.eval_exact:
-        report.warn(f"'{m.name}' changes the function: outputs are not expected to match the "
-                    "original; fine-tune (or retrain) the converted model")
-    else:
-        report.note("equivalence check skipped (verify=False)")
-    if sync:
-        from .distributed import convert_sync, is_sync_layer
-
-        result = convert_sync(result, process_group)
-        n_sync = sum(is_sync_layer(mod) for mod in result.modules())
-        report.note(f"{n_sync} layer(s) made distributed-sync (statistics reduced across the "
-                    "process group in train mode)")
-    for n, mod in result.named_modules():  # the caller's train/eval flags, module by module
-        mod.training = flags.get(n, model.training)
-    result.normswap_report = report  # type: ignore[assignment]
-    result.normswap_method = {"method": m.name, "options": _plain(options),
-                              "leaf_modules": list(leaf_modules), "strict": strict,
-                              "sync": sync}
-    log.info("swap -> %s: %d changed, %d skipped", m.name, len(report.changes),
-             len(report.skips))
-    return result
-
-
-def _needs_graph(gm: fx.GraphModule, post_pass: bool) -> bool:
-    """A graph rewrite is needed for functional batch norms (also those inside BN subclasses
-    that add behaviour) and for post-passes such as Kalman priors."""
-    return post_pass or any(n.op == "call_function" and n.target in FUNCTIONAL_BATCH_NORM
-                            for n in gm.graph.nodes)
-
-
-def _note_dropped(source: nn.Module, result: nn.Module, report: PassReport) -> None:
-    """Record keys the rewrite renamed or dropped, and warn about parameterised modules that the
-    eval-mode trace did not reach (train-only branches such as auxiliary heads)."""
-    kept = {n for n, _ in result.named_modules()}
-    touched = {c.node for c in report.changes} | {s.node for s in report.skips}
-    dropped = [n for n, mod in source.named_modules()
-               if n and n not in kept and n not in touched
-               and not any(t.startswith(n + ".") or n.startswith(t + ".") for t in touched)
-               and any(True for _ in mod.parameters(recurse=False))]
-    report.note("returned an fx.GraphModule traced in eval mode: Python control flow on "
-                "self.training inside traced modules is frozen to its eval branch")
-    if dropped:
-        report.warn(f"{len(dropped)} module(s) with parameters are not used by the eval-mode "
-                    f"forward and are not in the result (e.g. auxiliary heads): "
-                    f"{dropped[:6]}{' ...' if len(dropped) > 6 else ''}")
-    new_keys = set(result.state_dict().keys())
-    for k in source.state_dict():
-        if k not in new_keys and k not in report.key_map:
-            report.key_map[k] = None
-
-
-def _plain(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool, type(None)))}
-
-
 _DEFAULT_RTOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
+# -- checks before any work --------------------------------------------------------------------
+def _check_model(model: Any) -> None:
+    """Refuse what cannot be rewritten, with the remedy."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a TorchScript module: normswap rewrites Python "
+            "nn.Modules. Pass the original (unscripted) model, then script or export the "
+            "result")
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+            if p.device.type == "meta"]
+    if meta:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has {len(meta)} parameter(s)/buffer(s) on the meta device "
+            f"(no values; e.g. '{meta[0]}'): materialise the weights first (load a checkpoint "
+            "with load_state_dict(..., assign=True), or to_empty() then load)")
+
+
+def _bind_factory(method: Method, options: Mapping[str, Any]) -> Callable[[nn.Module], nn.Module] | None:
+    """The method's factory with the user's options bound, checked once on a probe BN."""
+    if method.factory is None:
+        return None
+    factory = functools.partial(method.factory, **options) if options else method.factory
+    if options:
+        probe = nn.BatchNorm2d(2).eval()
+        try:
+            factory(probe)
+        except (ValueError, TypeError) as exc:
+            raise MethodOptionError(f"method '{method.name}': invalid option value: {exc}") from exc
+    return factory
+
+
+# -- inputs and capture --------------------------------------------------------------------------
+def _resolve_inputs(work: nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None,
+                    report: PassReport) -> tuple[tuple[Any, ...] | None, dict[str, Any], bool]:
+    inputs = as_inputs(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    if inputs is not None or kwargs:
+        return inputs or (), kwargs, False
+    try:
+        guessed = default_example_inputs(work)
+    except Exception as exc:  # noqa: BLE001 - guessing must never crash
+        report.warn(f"could not guess an example input ({type(exc).__name__}: {exc})")
+        guessed = None
+    return guessed, {}, True
+
+
+def _capture(work: nn.Module, inputs: tuple[Any, ...] | None, kwargs: dict[str, Any],
+             leaf_modules: Sequence[str | type], inline: bool, guessed: bool,
+             report: PassReport) -> tuple[Capture, tuple[Any, ...] | None]:
+    mode = "inline" if inline else "leaf"
+    try:
+        cap = capture(work, inputs, kwargs, leaf_modules=leaf_modules, bn_subclasses=mode)
+    except CaptureInputError as exc:
+        if not guessed:
+            raise CaptureInputError(f"{exc}; check example_inputs") from exc
+        shape = list(inputs[0].shape) if inputs and isinstance(inputs[0], torch.Tensor) else "?"
+        report.warn(f"the generated input of shape {shape} does not run through the model "
+                    f"({exc}); captured symbolically only. Pass example_inputs=...")
+        inputs = None
+        cap = capture(work, None, {}, leaf_modules=leaf_modules, bn_subclasses=mode)
+    _record_capture(cap, report)
+    return cap, inputs
+
+
+def _record_capture(cap: Capture, report: PassReport) -> None:
+    summary = cap.summary()
+    report.metrics["capture"] = summary
+    strategy = summary["strategy"]
+    if strategy in ("fx", "fx-shape", "export"):
+        report.note(f"captured the whole model with {_STRATEGY_NAMES[strategy]}")
+    elif strategy == "regions":
+        parts = ", ".join(f"'{p}' ({s})" for p, s in summary["regions"].items())
+        report.note(f"captured {len(cap.regions)} region(s): {parts}")
+    else:
+        report.warn("no graph could be captured: BatchNorms are replaced by walking the module "
+                    "tree")
+    failures = [a for a in cap.attempts if a.path == "" or strategy != "regions"]
+    for a in failures[:6]:
+        report.note(f"capture attempt failed: {a.describe()}")
+    if cap.attempts and strategy not in ("fx",):
+        culprits = sorted({a.culprit.split(" (")[0] for a in cap.attempts if a.culprit
+                           and a.culprit != "<model>"})
+        if culprits:
+            report.note(f"modules that broke tracing: {culprits[:6]}; to keep them out of the "
+                        f"graph pass leaf_modules={culprits[:6]!r}")
+    for path, spec in summary["specialised"].items():
+        report.note(f"'{path}': control flow decided by the example's shapes at "
+                    f"{len(spec)} place(s) ({'; '.join(spec[:3])}); the graph holds for inputs "
+                    "that take the same branches")
+
+
+_STRATEGY_NAMES = {"fx": "torch.fx symbolic tracing", "fx-shape": "shape-aware torch.fx "
+                   "tracing", "export": "torch.export (non-strict)"}
+
+
+def _report_outcomes(outcomes: Sequence[Any], report: PassReport, model: nn.Module) -> None:
+    graphs = [o for o in outcomes if o.mode == "graph"]
+    for o in graphs:
+        where = f"'{o.path}'" if o.path else type(model).__name__
+        what = "the model" if not o.path else f"submodule {where}"
+        report.note(f"{what} is returned as a torch.fx GraphModule because the method changed "
+                    f"its graph ({o.reason}); Python control flow on self.training inside it is "
+                    "frozen to its eval branch")
+    report.metrics["mode"] = ("graph" if any(o.path == "" for o in graphs)
+                              else "module" if outcomes else "module-walk")
+
+
+def _inputs_dtype(inputs: tuple[Any, ...] | None) -> torch.dtype:
+    return next((t.dtype for t in (inputs or ()) if isinstance(t, torch.Tensor)
+                 and t.is_floating_point()), torch.float32)
+
+
 def _verify(original: nn.Module, rewritten: nn.Module, inputs: tuple[Any, ...] | None,
-            rtol: float | None, report: PassReport, *, guessed: bool = False) -> None:
-    """Check eval equivalence and record it; a guessed input that does not fit is reported."""
+            rtol: float | None, report: PassReport, *, guessed: bool, what: str) -> None:
+    """Check eval equivalence and record it; a check that cannot run is an error."""
     if inputs is None:
-        report.warn("equivalence NOT verified: could not guess an input; pass "
-                    "example_inputs=...")
-        return
-    if rtol is None:
-        dtype = next((t.dtype for t in inputs if isinstance(t, torch.Tensor)
-                      and t.is_floating_point()), torch.float32)
-        rtol = _DEFAULT_RTOL.get(dtype, 1e-4)
-    if guessed:
-        report.note(f"verified on a generated input of shape {list(inputs[0].shape)}")
+        raise VerificationError(
+            f"{what}: the equivalence check could not run (no example input could be guessed "
+            "or the generated one does not fit the model); pass example_inputs=... (CLI: "
+            "--input-shape), or verify=False (CLI: --no-verify) to skip the check")
+    rtol = _DEFAULT_RTOL.get(_inputs_dtype(inputs), 1e-4) if rtol is None else rtol
     pairs = [(c.node, c.node) for c in report.changes]
     t0 = time.perf_counter()
-    try:
-        res = verify_equivalence(original, rewritten, inputs, rtol=rtol, layer_pairs=pairs,
-                                 raise_on_fail=False)
-    except NormswapError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the guessed input may not suit the model
-        if guessed:
-            report.warn(f"equivalence NOT verified: the generated input failed "
-                        f"({type(exc).__name__}: {exc}); pass example_inputs=...")
-            return
-        raise
+    with stage("verify"):
+        res = verify_equivalence(safe_deepcopy(original), rewritten, inputs, rtol=rtol,
+                                 layer_pairs=pairs, raise_on_fail=False)
     report.metrics.update(res.as_metrics())
     report.metrics["verify_seconds"] = round(time.perf_counter() - t0, 4)
+    shape = list(inputs[0].shape) if inputs and isinstance(inputs[0], torch.Tensor) else []
+    source = f" on a generated input of shape {shape}" if guessed else ""
     if res.passed:
-        report.note(f"eval outputs match the original: relative error {res.rel:.2e} "
+        report.note(f"eval outputs match the original{source}: relative error {res.rel:.2e} "
                     f"(max abs {res.max_abs:.2e}, rtol {rtol:g})")
     elif res.layers_agree:
         report.metrics["verify.layers_rel"] = res.worst_layer_rel
@@ -233,12 +190,196 @@ def _verify(original: nn.Module, rewritten: nn.Module, inputs: tuple[Any, ...] |
         where = (f"; the first disagreeing layer is '{res.worst_layer}' (relative error "
                  f"{res.worst_layer_rel:.3g})" if res.worst_layer else "")
         raise NumericalMismatchError(
-            f"eval outputs differ: relative error {res.rel:.3g} > rtol {rtol:g}{where}. "
-            "Check the layer's statistics, or pass verify=False to skip the check.")
+            f"{what}: eval outputs differ{source}: relative error {res.rel:.3g} > rtol "
+            f"{rtol:g}{where}. Check the layer's statistics, or pass verify=False to skip the "
+            "check.")
 
 
+def _restore_flags(result: nn.Module, flags: Mapping[str, bool], default: bool) -> None:
+    for n, mod in result.named_modules():
+        mod.training = flags.get(n, default)
+
+
+def _has_functional_bn(cap: Capture) -> bool:
+    return any(n.op == "call_function" and n.target in FUNCTIONAL_BATCH_NORM
+               for r in cap.regions for n in r.gm.graph.nodes)
+
+
+def _plain(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+# -- swap ------------------------------------------------------------------------------------------
+def swap(model: nn.Module, method: str, *, example_inputs: Any = None,
+         example_kwargs: Mapping[str, Any] | None = None, verify: bool = True,
+         rtol: float | None = None, strict: bool = True, leaf_modules: Sequence[str | type] = (),
+         sync: bool = False, process_group: Any = None, **options: Any) -> nn.Module:
+    """Return a copy of ``model`` with every BatchNorm replaced by ``method``.
+
+    The caller's model is never modified. The result keeps the model's own class whenever the
+    method only replaces modules (l1, linf, kalman without priors); otherwise it is a
+    ``torch.fx.GraphModule`` and the report says why. It carries ``normswap_report``
+    (a :class:`~normswap.report.PassReport`): how the graph was captured, every node changed,
+    every node declined and why, the state_dict key map and the verification result.
+
+    Args:
+        model: any ``nn.Module`` holding BatchNorms (trained or not).
+        method: a registered method name (``"l1"``, ``"linf"``, ``"kalman"``, ``"normprop"``,
+            ``"selu"``; spellings like ``"L1_BN"`` work).
+        example_inputs: a tensor or tuple of positional inputs; they drive the capture and the
+            equivalence check. Guessed from the model when omitted.
+        example_kwargs: keyword inputs of the model's forward.
+        verify: check eval-mode equivalence for methods that claim it; a check that cannot
+            run raises :class:`~normswap.errors.VerificationError` unless this is False.
+        rtol: tolerance of that check, ``max|Δ| / max|reference|``; by default 1e-4 for
+            float32/64 inputs, 1e-2 for float16 and 5e-2 for bfloat16.
+        strict: raise :class:`UnsupportedNodeError` when any normalisation cannot be swapped;
+            with ``strict=False`` it is kept as is and listed in the report.
+        leaf_modules: qualified names or classes of submodules the tracer must not enter.
+        sync: replace the new L1/L∞/Kalman layers by their ``torch.distributed`` sync variants.
+        process_group: the group for ``sync`` (default: the whole world).
+        **options: method options (``k`` for linf, ``gain``/``priors`` for kalman, ``init`` for
+            selu, ``kappa`` for normprop ...); an unknown option raises
+            :class:`~normswap.errors.MethodOptionError` listing the accepted ones.
+
+    Returns:
+        The rewritten model, in the same train/eval mode as ``model`` (module by module).
+
+    Raises:
+        UnknownMethodError, MethodOptionError, UnsupportedModelError, UnsupportedNodeError,
+        TracingError, NumericalMismatchError, VerificationError.
+    """
+    m = get_method(method)
+    m.check_options(options)
+    factory_options, pass_options = m.split_options(options)
+    factory = _bind_factory(m, factory_options)
+    _check_model(model)
+    t0 = time.perf_counter()
+    report = PassReport(title=f"normswap swap -> {m.name}")
+    flags = {n: mod.training for n, mod in model.named_modules()}
+    with stage("copy model"):
+        work = safe_deepcopy(model).eval()
+    inputs, kwargs, guessed = _resolve_inputs(work, example_inputs, example_kwargs, report)
+    cap, inputs = _capture(work, inputs, kwargs, leaf_modules, m.inline(options), guessed,
+                           report)
+    n_bn = len(batchnorm_like_modules(work))
+    functional = _has_functional_bn(cap)
+    uncovered = cap.uncovered_batchnorms()
+    with stage(f"swap -> {m.name}"):
+        context = {"strict": strict, "factory": factory, "method": m.name,
+                   "example_inputs": inputs}
+        result, outcomes = rewrite_regions(cap, m.steps, user_options=pass_options,
+                                           context=context, report=report, method=m.name)
+    _report_outcomes(outcomes, report, model)
+    _handle_uncovered(m, result, work, uncovered, factory, report, strict, cap)
+    _check_leftovers(m, result, report, strict, n_bn, functional)
+    report.metrics["swapped"] = len(report.changes)
+    report.metrics["swap_seconds"] = round(time.perf_counter() - t0, 4)
+    if verify and m.eval_exact:
+        _verify(model, result, inputs, rtol, report, guessed=guessed,
+                what=f"swap -> {m.name} of {type(model).__name__}")
+    elif not m.eval_exact:
+        report.warn(f"'{m.name}' changes the function: outputs are not expected to match the "
+                    "original; fine-tune (or retrain) the converted model")
+    else:
+        report.note("equivalence check skipped (verify=False)")
+    if sync:
+        from .distributed import convert_sync, is_sync_layer
+
+        result = convert_sync(result, process_group)
+        n_sync = sum(is_sync_layer(mod) for mod in result.modules())
+        report.note(f"{n_sync} layer(s) made distributed-sync (statistics reduced across the "
+                    "process group in train mode)")
+    _restore_flags(result, flags, model.training)
+    result.normswap_report = report  # type: ignore[assignment]
+    result.normswap_method = {"method": m.name, "options": _plain(options),  # type: ignore
+                              "leaf_modules": [x for x in leaf_modules if isinstance(x, str)],
+                              "strict": strict, "sync": sync}
+    log.info("swap -> %s: %d changed, %d skipped", m.name, len(report.changes),
+             len(report.skips))
+    return result
+
+
+def _handle_uncovered(m: Method, result: nn.Module, work: nn.Module, uncovered: list[str],
+                      factory: Callable[[nn.Module], nn.Module] | None, report: PassReport,
+                      strict: bool, cap: Capture) -> None:
+    """BatchNorms no captured graph reached: module walk, or a refusal for graph methods."""
+    if not uncovered:
+        return
+    if result is not work:  # the whole model came back as a graph: these are not in it
+        dropped = [p for p in uncovered if not _has_path(result, p)]
+        if dropped:
+            report.warn(f"{len(dropped)} BatchNorm module(s) are not used by the eval-mode "
+                        f"forward and are not in the returned graph (e.g. auxiliary heads): "
+                        f"{dropped[:6]}{' ...' if len(dropped) > 6 else ''}")
+        uncovered = [p for p in uncovered if p not in dropped]
+        if not uncovered:
+            return
+    why = ("not reached by the eval-mode trace (e.g. a train-only branch): swapped without "
+           "verification" if cap.strategy in ("fx", "fx-shape", "export")
+           else "module walk: no captured graph reaches it")
+    if factory is None or m.needs_graph:
+        sub = PassReport()
+        for p in uncovered:
+            sub.skip(p, type(work.get_submodule(p)).__name__,
+                     f"'{m.name}' needs the graph around it, but no captured graph reaches it"
+                     + _capture_hint(cap))
+        report.extend(sub)
+        if strict:
+            from .passes.swap_norm import refuse_if_strict
+
+            refuse_if_strict(sub, True)
+        return
+    root = work if result is work else result
+    walk_swap(root, uncovered, factory, report, why=why)
+    kalman_prior = any(s.fn.__name__ == "propagate_kalman_priors" for s in m.steps)
+    if kalman_prior and cap.strategy not in ("fx", "fx-shape", "export"):
+        report.warn(f"{len(uncovered)} Kalman layer(s) outside any captured graph run without "
+                    f"graph priors: {uncovered[:6]}{' ...' if len(uncovered) > 6 else ''}")
+
+
+def _capture_hint(cap: Capture) -> str:
+    if not cap.attempts:
+        return ""
+    return f" (capture: {cap.attempts[-1].describe()})"
+
+
+def _has_path(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _check_leftovers(m: Method, result: nn.Module, report: PassReport, strict: bool, n_bn: int,
+                     functional: bool) -> None:
+    skipped = {s.node for s in report.skips}
+    left = [p for p in leftover_batchnorms(result) if p not in skipped]
+    if left:
+        sub = PassReport()
+        for p in left:
+            sub.skip(p, type(result.get_submodule(p)).__name__,
+                     "BatchNorm module left in the result (not reached by any rewrite)")
+        report.extend(sub)
+        if strict:
+            from .passes.swap_norm import refuse_if_strict
+
+            refuse_if_strict(sub, True)
+    if not report.changes:
+        if n_bn == 0 and not functional:
+            report.note("no BatchNorm found: nothing to swap")
+        elif strict:
+            raise UnsupportedNodeError(
+                f"{n_bn} BatchNorm module(s) found but none was swapped by '{m.name}' "
+                f"({len(report.skips)} refused); pass strict=False to get the report, or "
+                "leaf_modules=[...] naming the parts that break capture")
+
+
+# -- inspect -----------------------------------------------------------------------------------------
 def inspect(model: nn.Module, methods: Iterable[str] | None = None, *,
-            leaf_modules: Sequence[str] = ()) -> dict[str, PassReport]:
+            leaf_modules: Sequence[str | type] = (), example_inputs: Any = None
+            ) -> dict[str, PassReport]:
     """What each method would do to ``model``, layer by layer (nothing is verified or kept).
 
     Returns:
@@ -250,8 +391,8 @@ def inspect(model: nn.Module, methods: Iterable[str] | None = None, *,
     out: dict[str, PassReport] = {}
     for name in methods or available_methods():
         try:
-            out[name] = swap(model, name, verify=False, strict=False,
-                             leaf_modules=leaf_modules).normswap_report
+            out[name] = swap(model, name, verify=False, strict=False, leaf_modules=leaf_modules,
+                             example_inputs=example_inputs).normswap_report
         except NormswapError as exc:
             rep = PassReport(title=f"normswap swap -> {name}")
             rep.skip("<model>", type(model).__name__, str(exc))
@@ -259,37 +400,68 @@ def inspect(model: nn.Module, methods: Iterable[str] | None = None, *,
     return out
 
 
-def fold(model: nn.Module, *, leaf_modules: Sequence[str] = (), example_inputs: Any = None,
-         verify: bool = True, rtol: float | None = None, fold_weight_norms: bool = True
-         ) -> nn.Module:
+# -- fold --------------------------------------------------------------------------------------------
+_FOLD_STEPS = (PassStep(remove_kalman_priors), PassStep(fold_conv_bn))
+
+
+def fold(model: nn.Module, *, example_inputs: Any = None,
+         example_kwargs: Mapping[str, Any] | None = None, leaf_modules: Sequence[str | type] = (),
+         verify: bool = True, rtol: float | None = None, fold_weight_norms: bool = True,
+         train_mode: str = "skip", trainable_affine: bool = True) -> nn.Module:
     """Fold eval-mode normalisations and weight norms into plain weights, for inference.
 
     BatchNorm and every normswap norm layer (per-channel affine maps in eval mode) fold into the
-    preceding Conv/ConvTranspose/Linear; a norm that cannot fold becomes one per-channel affine
-    and the report says why. Weight norms (legacy hooks, parametrizations, bounded WN) become
-    plain weights. The caller's model is not modified.
+    preceding Conv/ConvTranspose/Linear; a BatchNorm subclass keeps its activation/dropout; a
+    norm that cannot fold becomes one per-channel affine and the report says why. Weight norms
+    (legacy hooks, parametrizations, bounded WN) become plain weights. The caller's model is not
+    modified; the result keeps the model's class unless Kalman prior wiring had to be removed.
 
     Args:
         model: the model to fold (folded as in eval mode).
+        example_inputs: inputs for capture, shapes (Linear→BatchNorm1d folds need the rank) and
+            the equivalence check; guessed when omitted.
+        example_kwargs: keyword inputs of the model's forward.
         leaf_modules: submodules the tracer must not enter.
-        example_inputs: inputs used for shape propagation (Linear→BatchNorm1d folds need the
-            rank) and for the equivalence check; guessed from the first layer when omitted.
         verify: compare eval outputs of the folded and original model.
         rtol: tolerance of that check (default by dtype, as in :func:`swap`).
         fold_weight_norms: also fold weight normalisation.
+        train_mode: ``"skip"`` leaves norms that are in train mode; ``"freeze"`` folds their
+            running statistics.
+        trainable_affine: norms that cannot fold become affines with parameters (True) or
+            buffers (False).
 
     Returns:
         The folded model, carrying ``normswap_report``.
     """
-    from .passes.fold_conv_bn import fold_model
-
-    inputs = as_inputs(example_inputs)
-    guessed = inputs is None
-    if guessed:
-        inputs = default_example_inputs(model)
-    folded, report = fold_model(model, leaf_modules=leaf_modules, example_inputs=inputs,
-                                fold_weight_norms=fold_weight_norms)
+    _check_model(model)
+    t0 = time.perf_counter()
+    report = PassReport(title="normswap fold")
+    flags = {n: mod.training for n, mod in model.named_modules()}
+    with stage("copy model"):
+        work = safe_deepcopy(model).eval()
+    if fold_weight_norms:
+        work, wn_report = fold_weight_norm(work)
+        report.extend(wn_report)
+    inputs, kwargs, guessed = _resolve_inputs(work, example_inputs, example_kwargs, report)
+    cap, inputs = _capture(work, inputs, kwargs, leaf_modules, False, guessed, report)
+    covered = cap.covered()
+    uncovered = [n for n, mod in work.named_modules()
+                 if n and is_foldable_norm(mod) and n not in covered
+                 and not any(n.startswith(c + ".") for c in covered)]
+    with stage("fold"):
+        result, outcomes = rewrite_regions(
+            cap, _FOLD_STEPS, user_options={"train_mode": train_mode,
+                                            "trainable_affine": trainable_affine},
+            context={"method": "fold"}, report=report, method="fold")
+    _report_outcomes(outcomes, report, model)
+    if uncovered and (result is work or any(_has_path(result, p) for p in uncovered)):
+        walk_fold(result, [p for p in uncovered if _has_path(result, p)], report,
+                  train_mode=train_mode, trainable_affine=trainable_affine)
+    report.metrics["fold_seconds"] = round(time.perf_counter() - t0, 4)
     if verify:
-        _verify(model, folded, inputs, rtol, report, guessed=guessed)
-    folded.normswap_report = report  # type: ignore[assignment]
-    return folded
+        _verify(model, result, inputs, rtol, report, guessed=guessed,
+                what=f"fold of {type(model).__name__}")
+    _restore_flags(result, flags, model.training)
+    result.normswap_report = report  # type: ignore[assignment]
+    return result
+

@@ -10,6 +10,10 @@ __all__ = [
     "ExportError",
     "CheckpointError",
     "UnknownMethodError",
+    "MethodOptionError",
+    "PassError",
+    "VerificationError",
+    "UnsupportedModelError",
 ]
 
 
@@ -39,3 +43,19 @@ class CheckpointError(NormswapError):
 
 class UnknownMethodError(NormswapError, ValueError):
     """An unknown method name was asked of the registry."""
+
+
+class MethodOptionError(NormswapError, ValueError):
+    """An option that the method does not accept, or an invalid option value."""
+
+
+class PassError(NormswapError):
+    """A graph pass failed unexpectedly (the message names the pass and those before it)."""
+
+
+class VerificationError(NumericalMismatchError):
+    """The equivalence check could not run or compared nothing."""
+
+
+class UnsupportedModelError(NormswapError, TypeError):
+    """The model itself cannot be rewritten (a TorchScript module, a meta-device model ...)."""

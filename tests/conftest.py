@@ -3,6 +3,8 @@ an unrandomised equivalence test proves nothing)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -51,3 +53,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def swapped(report) -> list:  # type: ignore[no-untyped-def]
     """The report's BN replacements (not the Kalman prior wiring that follows them)."""
     return [c for c in report.changes if not c.before.startswith("Kalman")]
+
+
+def fold_model(model: nn.Module, **kwargs: Any) -> tuple[nn.Module, Any]:
+    """``normswap.fold`` without its equivalence check, returning ``(folded, report)``."""
+    import normswap
+
+    folded = normswap.fold(model, verify=False, **kwargs)
+    return folded, folded.normswap_report

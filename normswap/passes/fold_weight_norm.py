@@ -239,15 +239,14 @@ def _fold_parametrization(name: str, module: nn.Module, tensor_name: str) -> tup
     return None, form
 
 
-def fold_weight_norm(model_or_gm: nn.Module, *, on_zero_norm: ZeroNormPolicy = "raise",
-                     **opts: Any) -> tuple[nn.Module, PassReport]:
+def fold_weight_norm(model_or_gm: nn.Module, *, on_zero_norm: ZeroNormPolicy = "raise"
+                     ) -> tuple[nn.Module, PassReport]:
     """Replace weight-norm hooks and parametrizations by plain, folded weights (in place).
 
     Args:
         model_or_gm: a module or a ``GraphModule``; mutated.
         on_zero_norm: ``"raise"`` (default) raises once naming every layer whose ``v`` has a
             zero-norm slice; ``"skip"`` leaves those layers as they are and reports why.
-        **opts: ignored (shared options from the API).
 
     Returns:
         ``(model_or_gm, report)``.
@@ -257,8 +256,6 @@ def fold_weight_norm(model_or_gm: nn.Module, *, on_zero_norm: ZeroNormPolicy = "
     """
     if on_zero_norm not in ("raise", "skip"):
         raise ValueError(f"on_zero_norm must be 'raise' or 'skip', got {on_zero_norm!r}")
-    if opts:
-        log.debug("fold_weight_norm: ignoring options %s", sorted(opts))
     report = PassReport(title="fold weight norm")
     problems: list[str] = []
     for name, module in list(model_or_gm.named_modules()):

@@ -60,6 +60,19 @@ from torch import Tensor, fx, nn
 from ..norms.kalman import KalmanBatchNorm, Moments, set_kalman_gain
 from ..report import PassReport
 from ._match import eliminate_dead_code, leaf_function
+from ._math import (
+    normalised_moments,
+    relu_moments,
+    conv_moments,
+    linear_moments,
+    add_moments,
+    affine_moments,
+    avgpool_moments,
+    maxpool_moments,
+    relu_maxpool_moments,
+    dropout_moments,
+    cat_moments,
+)
 
 __all__ = [
     "propagate_kalman_priors",
@@ -79,185 +92,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_TINY = 1e-30
 
 
-# ---------------------------------------------------------------------------------------------
-# Pure moment functions (per-channel tensors of shape (C,))
-# ---------------------------------------------------------------------------------------------
-def normalised_moments(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
-                       eps: float) -> Moments:
-    """Moments of ``weight*(x-mean)/sqrt(var+eps)+bias`` for x with moments ``(mean, var)``.
-
-    Returns:
-        ``(bias, weight**2 * var / (var + eps))`` (``weight`` = 1, ``bias`` = 0 when None).
-    """
-    out_var = var / (var + eps)
-    if weight is not None:
-        out_var = out_var * weight.to(var.dtype) ** 2
-    out_mean = torch.zeros_like(mean)
-    if bias is not None:
-        out_mean = out_mean + bias.to(mean.dtype)
-    return out_mean, out_var
-
-
-def relu_moments(mean: Tensor, var: Tensor) -> Moments:
-    """Mean and variance of ``relu(x)`` for Gaussian ``x ~ N(mean, var)`` (exact)."""
-    std = var.clamp_min(_TINY).sqrt()
-    a = mean / std
-    cdf = torch.special.ndtr(a)
-    pdf = torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
-    first = mean * cdf + std * pdf
-    second = (mean * mean + var) * cdf + mean * std * pdf
-    out_var = (second - first * first).clamp_min(0.0)
-    far = a > 8.0  # relu is the identity up to ~1e-15: avoid the cancellation
-    return torch.where(far, mean, first), torch.where(far, var, out_var)
-
-
-def conv_moments(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor | None = None,
-                 stride: int | Sequence[int] = 1, padding: int | str | Sequence[int] = 0,
-                 dilation: int | Sequence[int] = 1, groups: int = 1,
-                 input_size: Sequence[int] | None = None,
-                 padding_mode: str = "zeros") -> Moments:
-    """Per-output-channel moments of a convolution of independent per-channel inputs.
-
-    Args:
-        mean: input channel means, shape ``(C_in,)``.
-        var: input channel variances, shape ``(C_in,)``.
-        weight: conv weight ``(C_out, C_in/groups, *kernel)``.
-        bias: conv bias ``(C_out,)`` or None.
-        stride: as the conv's (used only with ``input_size``).
-        padding: as the conv's (used only with ``input_size``).
-        dilation: as the conv's (used only with ``input_size``).
-        groups: as the conv's.
-        input_size: spatial input size; when given and the padding is zeros, the moments are
-            those of the mixture over all output positions, border included. When None, the
-            interior moments ``sum W*m + b`` and ``sum W**2 * v``.
-        padding_mode: the conv's padding mode (non-zero modes keep constant maps constant, so
-            the interior moments are exact everywhere).
-
-    Returns:
-        ``(mean, var)`` of shape ``(C_out,)``.
-    """
-    w = weight.to(mean.dtype)
-    b = None if bias is None else bias.to(mean.dtype)
-    if input_size is not None and padding_mode == "zeros":
-        nd = w.dim() - 2
-        conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-        shape = (1, -1, *[1] * nd)
-        full = (1, mean.numel(), *input_size)
-        mean_map = conv(mean.reshape(shape).expand(full), w, b, stride, padding, dilation,
-                        groups)
-        var_map = conv(var.reshape(shape).expand(full), w * w, None, stride, padding, dilation,
-                       groups)
-        dims = list(range(2, mean_map.dim()))
-        out_mean = mean_map.mean(dims).reshape(-1)
-        out_var = (var_map.mean(dims) + mean_map.var(dims, correction=0)).reshape(-1)
-        return out_mean, out_var
-    c_out, c_in_g = w.shape[0], w.shape[1]
-    kernel_dims = tuple(range(2, w.dim()))
-    w_sum = w.sum(kernel_dims) if kernel_dims else w
-    w2_sum = (w * w).sum(kernel_dims) if kernel_dims else w * w
-    w_sum = w_sum.reshape(groups, c_out // groups, c_in_g)
-    w2_sum = w2_sum.reshape(groups, c_out // groups, c_in_g)
-    out_mean = torch.einsum("goi,gi->go", w_sum, mean.reshape(groups, c_in_g)).reshape(c_out)
-    out_var = torch.einsum("goi,gi->go", w2_sum, var.reshape(groups, c_in_g)).reshape(c_out)
-    if b is not None:
-        out_mean = out_mean + b
-    return out_mean, out_var
-
-
-def linear_moments(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor | None = None
-                   ) -> Moments:
-    """Moments of ``x @ W.T + b`` for independent features: ``W m + b`` and ``W**2 v``."""
-    w = weight.to(mean.dtype)
-    out_mean = w @ mean
-    if bias is not None:
-        out_mean = out_mean + bias.to(mean.dtype)
-    return out_mean, (w * w) @ var
-
-
-def add_moments(a: Moments, b: Moments, alpha: float = 1.0) -> Moments:
-    """Moments of ``a + alpha*b`` for independent ``a`` and ``b``."""
-    return a[0] + alpha * b[0], a[1] + (alpha * alpha) * b[1]
-
-
-def affine_moments(mean: Tensor, var: Tensor, scale: float = 1.0, shift: float = 0.0
-                   ) -> Moments:
-    """Moments of ``scale*x + shift`` for Python scalars."""
-    return mean * scale + shift, var * (scale * scale)
-
-
-def avgpool_moments(mean: Tensor, var: Tensor, window: float,
-                    divisor: float | None = None) -> Moments:
-    """Moments of a sum of ``window`` independent elements divided by ``divisor`` (default
-    ``window``): an average pool's ``(m, v/k)``."""
-    d = float(window) if divisor is None else float(divisor)
-    k = float(window)
-    return mean * (k / d), var * (k / (d * d))
-
-
-@functools.lru_cache(maxsize=64)
-def _max_of_normals(window: int) -> tuple[Tensor, Tensor, float, float]:
-    """Quadrature grid ``z``, weights of the density of the max of ``window`` iid N(0, 1), and
-    that max's mean and variance (float64)."""
-    # 401 points over [-8, 8]: the moments change by < 0.2% against 4801 points over [-12, 12],
-    # and the per-channel integral in relu_maxpool_moments gets 12x cheaper
-    z = torch.linspace(-8.0, 8.0, 401, dtype=torch.float64)
-    density = window * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI * torch.special.ndtr(z) ** (
-        window - 1)
-    weights = density.clone()
-    weights[0] *= 0.5
-    weights[-1] *= 0.5
-    weights = weights / weights.sum()
-    mean = float((weights * z).sum())
-    var = float((weights * (z - mean) ** 2).sum())
-    return z, weights, mean, var
-
-
-def maxpool_moments(mean: Tensor, var: Tensor, window: int) -> Moments:
-    """Moments of the max of ``window`` iid ``N(mean, var)`` elements.
-
-    ``max = mean + std * Z_k`` with ``Z_k`` the max of ``k`` iid standard normals, whose mean and
-    variance are computed once per ``k`` by quadrature: exact for iid Gaussian windows
-    (neighbouring elements are treated as independent, as everywhere in this pass).
-    """
-    _, _, z_mean, z_var = _max_of_normals(max(int(window), 1))
-    std = var.clamp_min(_TINY).sqrt()
-    return mean + std * z_mean, var * z_var
-
-
-def relu_maxpool_moments(mean: Tensor, var: Tensor, window: int) -> Moments:
-    """Moments of ``maxpool(relu(x)) = relu(maxpool(x))`` for iid ``x ~ N(mean, var)`` windows.
-
-    Computed by quadrature over the density of the max of ``window`` standard normals.
-    """
-    z, weights, _, _ = _max_of_normals(max(int(window), 1))
-    z = z.to(device=mean.device, dtype=mean.dtype)
-    weights = weights.to(device=mean.device, dtype=mean.dtype)
-    std = var.clamp_min(_TINY).sqrt()
-    y = torch.relu(mean.reshape(-1, 1) + std.reshape(-1, 1) * z)
-    first = (y * weights).sum(1)
-    second = (y * y * weights).sum(1)
-    return first.reshape(mean.shape), (second - first * first).clamp_min(0.0).reshape(mean.shape)
-
-
-def dropout_moments(mean: Tensor, var: Tensor, p: float) -> Moments:
-    """Moments after train-mode (inverted) dropout with drop probability ``p``."""
-    if p >= 1.0:
-        return torch.zeros_like(mean), torch.zeros_like(var)
-    return mean, (var + mean * mean) / (1.0 - p) - mean * mean
-
-
-def cat_moments(parts: Sequence[Moments]) -> Moments:
-    """Moments of a channel concatenation."""
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
-# ---------------------------------------------------------------------------------------------
-# Graph-side wrappers: take Moments | None (None in eval mode) and run-time tensors for shapes
-# ---------------------------------------------------------------------------------------------
 _warned: set[str] = set()
 
 
@@ -818,21 +654,26 @@ class _Propagator:
                 node.kwargs = old_kwargs
 
 
-def propagate_kalman_priors(gm: fx.GraphModule, *, gain: float | str | None = None,
-                            **options: Any) -> tuple[fx.GraphModule, PassReport]:
+def propagate_kalman_priors(gm: fx.GraphModule, *, priors: bool = True,
+                            gain: float | str | None = None,
+                            prior_moments: str = "normalised", padding_aware: bool = False,
+                            approximate_maxpool: bool = True,
+                            fallback_ratio: float | None = None
+                            ) -> tuple[fx.GraphModule, PassReport]:
     """Wire each Kalman layer's prior from the previous normalised layer(s) in the graph.
 
     Args:
         gm: a GraphModule whose Kalman layers are ``call_module`` nodes (mutated), e.g. the
             output of the swap pass with ``kalman_from_batchnorm``, or a model with Kalman
-            layers traced by ``normswap.passes._match.trace``.
+            layers traced by :func:`normswap.capture.trace`.
+        priors: wire priors (False: leave every layer without a prior, as plain BN in train
+            mode; the model then needs no graph).
         gain: when given, set the gain of every Kalman layer (a number in [0, 1] or "auto").
-        **options: ``prior_moments`` ("normalised", default: moments of the normalised, affine
-            output; "raw": the combined input moments, as the authors' code),
-            ``padding_aware`` (default False: interior conv moments), ``approximate_maxpool``
-            (default True: Clark's approximation; False cuts chains at max-pools),
-            ``fallback_ratio`` (set on every layer when given). Other options (meant for the
-            layer factory) are ignored and noted in the report.
+        prior_moments: ``"normalised"`` (moments of the normalised, affine output) or
+            ``"raw"`` (the combined input moments, as the authors' code).
+        padding_aware: account for zero padding in conv moments (default: interior moments).
+        approximate_maxpool: Clark's approximation through max-pools (False cuts the chain).
+        fallback_ratio: set on every layer when given.
 
     Returns:
         ``(gm, report)``: one change per layer that received a prior (naming its sources),
@@ -842,14 +683,9 @@ def propagate_kalman_priors(gm: fx.GraphModule, *, gain: float | str | None = No
         ValueError: an invalid gain or ``prior_moments``.
     """
     report = PassReport(title="kalman priors")
-    mode = options.pop("prior_moments", "normalised")
+    mode = prior_moments
     if mode not in ("normalised", "raw"):
         raise ValueError(f"prior_moments must be 'normalised' or 'raw', got {mode!r}")
-    padding_aware = bool(options.pop("padding_aware", False))
-    approximate_maxpool = bool(options.pop("approximate_maxpool", True))
-    fallback_ratio = options.pop("fallback_ratio", None)
-    if options:
-        report.note(f"options ignored by the prior pass: {sorted(options)}")
     if gain is not None:
         count = set_kalman_gain(gm, gain)
         report.note(f"gain set to {gain!r} on {count} Kalman layer(s)")
@@ -857,6 +693,11 @@ def propagate_kalman_priors(gm: fx.GraphModule, *, gain: float | str | None = No
         for module in gm.modules():
             if isinstance(module, KalmanBatchNorm):
                 module.fallback_ratio = float(fallback_ratio)
+    if not priors:
+        report.note("priors=False: Kalman layers run without graph priors (batch moments only "
+                    "in train mode)")
+        report.metrics["kalman_priors"] = False
+        return gm, report
     prop = _Propagator(gm, report, raw=mode == "raw", padding_aware=padding_aware,
                        approximate_maxpool=approximate_maxpool)
     prop.run()

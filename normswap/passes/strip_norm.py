@@ -39,19 +39,17 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .._modules import set_submodule
 from ..calibrate import forward_batch
 from ..errors import NormswapError
 from ..norms.affine import ChannelAffine
 from ..report import PassReport
-from .fold_conv_bn import fold_bn_into_weights, fold_conv_bn
-from ._match import is_impure
-from .to_normprop import _is_residual_sum
+from ._match import functional_batch_norm_nodes, is_residual_sum, module_of
+from ._math import fold_bn_into_weights
 
-__all__ = ["strip_for_selu", "lecun_normal_", "calibrate_units", "SELU_MODULES",
-           "SELU_FUNCTIONS"]
+__all__ = ["selu_activations", "alpha_dropout", "selu_init", "lecun_normal_", "calibrate_units",
+           "SELU_MODULES", "SELU_FUNCTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +118,6 @@ def _channel_moments(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor, int]:
 
 # -- graph helpers ---------------------------------------------------------------------------
 
-def _mod(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The module a call_module node calls, else None."""
-    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-
-
 def _inplace_arg(node: fx.Node, position: int | None) -> bool:
     """The ``inplace`` flag of a functional activation call."""
     if "inplace" in node.kwargs:
@@ -140,7 +133,7 @@ def _replace_activations(gm: fx.GraphModule, report: PassReport) -> int:
     count = 0
     gates: list[str] = []
     for node in list(gm.graph.nodes):
-        m = _mod(gm, node)
+        m = module_of(gm, node)
         if m is not None:
             if isinstance(m, _GATE_MODULES):
                 gates.append(f"{node.target} ({type(m).__name__})")
@@ -181,7 +174,7 @@ def _replace_dropout(gm: fx.GraphModule, report: PassReport) -> None:
     """Turn Dropout into AlphaDropout (same p)."""
     done: set[str] = set()
     for node in list(gm.graph.nodes):
-        m = _mod(gm, node)
+        m = module_of(gm, node)
         if m is not None and type(m) in _DROPOUT_MODULES and str(node.target) not in done:
             done.add(str(node.target))
             new_cls = _DROPOUT_MODULES[type(m)]
@@ -198,8 +191,8 @@ def _warn_fixed_point_breakers(gm: fx.GraphModule, report: PassReport) -> None:
     """Warn about residual sums and max-pools (they break the SELU fixed point)."""
     sums, pools = [], []
     for node in gm.graph.nodes:
-        m = _mod(gm, node)
-        if _is_residual_sum(node):
+        m = module_of(gm, node)
+        if is_residual_sum(node):
             sums.append(node.name)
         elif isinstance(m, _MAXPOOL_MODULES) or (
                 node.op == "call_function" and node.target in _MAXPOOL_FUNCTIONS):
@@ -207,26 +200,22 @@ def _warn_fixed_point_breakers(gm: fx.GraphModule, report: PassReport) -> None:
     if sums:
         report.warn(f"{len(sums)} residual sum(s) break the self-normalizing fixed point "
                     f"(variances add up): {', '.join(sums)}")
-        for name in sums:
-            report.warn("residual sum: not covered by SELU theory", node=name)
     if pools:
         report.warn(f"{len(pools)} max-pool(s) break the self-normalizing fixed point (they "
                     f"raise the mean): {', '.join(pools)}")
-        for name in pools:
-            report.warn("max-pool: not covered by SELU theory", node=name)
 
 
 def _hidden_layers(gm: fx.GraphModule) -> list[fx.Node]:
     """Conv/linear nodes whose output reaches a SELU (graph order)."""
     selu_nodes = {n for n in gm.graph.nodes
-                  if isinstance(_mod(gm, n), nn.SELU)
+                  if isinstance(module_of(gm, n), nn.SELU)
                   or (n.op == "call_function" and n.target is F.selu)}
     feeds_selu: set[fx.Node] = set()
     for node in reversed(list(gm.graph.nodes)):
         if any(u in selu_nodes or u in feeds_selu for u in node.users):
             feeds_selu.add(node)
     return [n for n in gm.graph.nodes
-            if isinstance(_mod(gm, n), _AFFINE_LAYERS) and n in feeds_selu]
+            if isinstance(module_of(gm, n), _AFFINE_LAYERS) and n in feeds_selu]
 
 
 def _as_batches(inputs: Any) -> list[Any]:
@@ -275,7 +264,7 @@ def calibrate_units(gm: fx.GraphModule, calibration_inputs: Any, report: PassRep
     done = 0
     try:
         for node in layers:
-            layer = _mod(gm, node)
+            layer = module_of(gm, node)
             if calls[str(node.target)] > 1:
                 report.skip(str(node.target), type(layer).__name__,
                             f"not calibrated: module is called {calls[str(node.target)]} times "
@@ -328,44 +317,50 @@ def calibrate_units(gm: fx.GraphModule, calibration_inputs: Any, report: PassRep
     return report
 
 
-# -- the pass --------------------------------------------------------------------------------
+# -- the passes (the "selu" method runs fold_conv_bn, then these three) ---------------------
 
-def _example_inputs(opts: dict[str, Any], calibration_inputs: Any) -> tuple[Any, ...] | None:
-    """Inputs for shape propagation (needed to fold Linear → BatchNorm1d), if any."""
-    ex = opts.get("example_inputs")
-    if ex is None and isinstance(calibration_inputs, Tensor):
-        ex = calibration_inputs
-    elif ex is None and isinstance(calibration_inputs, (list, tuple)) and calibration_inputs:
-        first = calibration_inputs[0]
-        if isinstance(first, (list, tuple)) and first:
-            first = first[0]
-        ex = first if isinstance(first, Tensor) else None
-    if ex is None:
-        return None
-    return tuple(ex) if isinstance(ex, (tuple, list)) else (ex,)
+def selu_activations(gm: fx.GraphModule) -> tuple[fx.GraphModule, PassReport]:
+    """Turn rectifier-like activations into SELU (step 2 of the module docstring).
+
+    Returns:
+        ``(gm, report)``; the report warns that the function changed, and names the residual
+        sums and max-pools that break the self-normalizing fixed point.
+    """
+    report = PassReport(title="SELU activations")
+    report.warn("the 'selu' method changes the network's function (ReLU -> SELU, BatchNorm "
+                "removed): it is NOT eval-exact; fine-tune or retrain before use")
+    if _replace_activations(gm, report) == 0:
+        report.warn("no ReLU-family activation found: nothing was turned into SELU")
+    leftover = [n.name for n in functional_batch_norm_nodes(gm.graph)]
+    if leftover:
+        report.warn("functional batch_norm calls remain (BatchNorm subclasses with their own "
+                    f"forward): {', '.join(leftover)}")
+    _warn_fixed_point_breakers(gm, report)
+    return gm, report
 
 
-def strip_for_selu(gm: fx.GraphModule, *, init: Init = "keep", calibration_inputs: Any = None,
-                   alpha_dropout: bool = True, generator: torch.Generator | None = None,
-                   **opts: Any) -> tuple[fx.GraphModule, PassReport]:
-    """Fold BatchNorms away and turn the network into a SELU network (not eval-exact).
+def alpha_dropout(gm: fx.GraphModule, *, alpha_dropout: bool = True
+                  ) -> tuple[fx.GraphModule, PassReport]:
+    """Replace Dropout by AlphaDropout with the same ``p`` (step 3), unless disabled."""
+    report = PassReport(title="alpha dropout")
+    if alpha_dropout:
+        _replace_dropout(gm, report)
+    else:
+        report.note("alpha_dropout=False: dropout layers kept as they are")
+    return gm, report
 
-    See the module docstring for every step and its math.
+
+def selu_init(gm: fx.GraphModule, *, init: Init = "keep", calibration_inputs: Any = None,
+              generator: torch.Generator | None = None) -> tuple[fx.GraphModule, PassReport]:
+    """Initialise the SELU network (step 4): keep, LeCun normal, or calibrate each unit.
 
     Args:
-        gm: graph traced in eval mode from a private copy (mutated and returned).
+        gm: the graph after the BN fold and the activation swap (mutated).
         init: ``"keep"`` the folded weights, re-draw them ``"lecun"`` normal, or
             ``"calibrate"`` each hidden unit to mean 0 / variance 1 on ``calibration_inputs``.
         calibration_inputs: a tensor or an iterable of tensors / ``(input, target)`` tuples /
-            dicts; required by ``init="calibrate"`` (also used for shape propagation).
-        alpha_dropout: replace Dropout by AlphaDropout with the same ``p``.
+            dicts; required by ``init="calibrate"``.
         generator: random generator for ``init="lecun"``.
-        **opts: ``example_inputs`` (a tensor or tuple, enables folding Linear → BatchNorm1d when
-            no calibration inputs are given) and ``train_mode`` / ``trainable_affine`` for
-            :func:`~normswap.passes.fold_conv_bn.fold_conv_bn`; others are ignored.
-
-    Returns:
-        The rewritten graph module and the report (with a warning that the function changed).
 
     Raises:
         NormswapError: ``init="calibrate"`` without calibration inputs.
@@ -373,41 +368,7 @@ def strip_for_selu(gm: fx.GraphModule, *, init: Init = "keep", calibration_input
     """
     if init not in ("keep", "lecun", "calibrate"):
         raise ValueError(f"init must be 'keep', 'lecun' or 'calibrate'; got {init!r}")
-    if init == "calibrate":
-        calibration_inputs = _as_batches(calibration_inputs)
-    report = PassReport(title="strip for SELU")
-    report.warn("strip_for_selu changes the network's function (ReLU -> SELU, BatchNorm "
-                "removed): it is NOT eval-exact; fine-tune or retrain before use")
-
-    dead_inplace = [n.name for n in gm.graph.nodes if not n.users and n.op != "output"
-                    and is_impure(n) and not n.is_impure()]
-    if dead_inplace:
-        report.warn("in-place calls whose result is unused may be dropped by fx dead-code "
-                    f"elimination in the BN fold: {', '.join(dead_inplace)}")
-    example = _example_inputs(opts, calibration_inputs)
-    if example is not None and not any("tensor_meta" in n.meta for n in gm.graph.nodes):
-        try:
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*example)
-        except Exception as exc:  # noqa: BLE001 - shapes only enable more folds
-            report.warn(f"shape propagation failed ({type(exc).__name__}: {exc}); "
-                        "Linear -> BatchNorm1d pairs stay as per-channel affines")
-    fold_opts = {k: opts[k] for k in ("train_mode", "trainable_affine") if k in opts}
-    gm, fold_report = fold_conv_bn(gm, **fold_opts)
-    report.extend(fold_report)
-
-    n_act = _replace_activations(gm, report)
-    if n_act == 0:
-        report.warn("no ReLU-family activation found: nothing was turned into SELU")
-    if alpha_dropout:
-        _replace_dropout(gm, report)
-    leftover = [n.name for n in gm.graph.nodes
-                if n.op == "call_function" and n.target in (F.batch_norm, torch.batch_norm)]
-    if leftover:
-        report.warn("functional batch_norm calls remain (BatchNorm subclasses with their own "
-                    f"forward): {', '.join(leftover)}")
-    _warn_fixed_point_breakers(gm, report)
-
+    report = PassReport(title="SELU init")
     if init == "lecun":
         for name, m in gm.named_modules():
             if isinstance(m, _AFFINE_LAYERS):
@@ -419,9 +380,7 @@ def strip_for_selu(gm: fx.GraphModule, *, init: Init = "keep", calibration_input
                     m.scale.fill_(1.0)
                     m.shift.zero_()
                 report.change(name, "ChannelAffine", "identity", "reset for LeCun init")
-    gm.graph.eliminate_dead_code(is_impure_node=is_impure)
-    gm.graph.lint()
-    gm.recompile()
-    if init == "calibrate":
-        calibrate_units(gm, calibration_inputs, report)
+    elif init == "calibrate":
+        gm.recompile()
+        calibrate_units(gm, _as_batches(calibration_inputs), report)
     return gm, report

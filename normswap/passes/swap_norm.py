@@ -1,14 +1,25 @@
-"""Swap every BatchNorm of a traced model for another normalisation.
+"""Swap every BatchNorm of a captured graph for another normalisation.
 
-Rewrite: each BatchNorm-family node ``y = bn(x)`` (a leaf ``call_module`` of nn.BatchNorm1d/2d/3d,
-SyncBatchNorm, a BN subclass without its own forward, or a frozen BN; or an ``F.batch_norm`` call
-found inside a BN subclass that adds behaviour in its forward) becomes ``y = new(x)`` where
-``new = factory(bn)`` carries the trained statistics (``factory`` comes from the registry). The
-replacement keeps the BN's qualified name, so unchanged state_dict keys stay as they were; keys
-whose meaning changes are listed in the report's key map.
+Rewrite: each BatchNorm-family node ``y = bn(x)`` becomes ``y = new(x)`` with
+``new = factory(bn)`` carrying the trained statistics (the factory comes from the method's
+registry entry). The forms:
 
-When the model cannot be traced, :func:`swap_modules` replaces modules in place by walking the
-module tree (module-level methods only) and the report names the module that broke tracing.
+* a ``call_module`` of ``nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``, a subclass without its own
+  forward, or a frozen BN: the module is replaced at the same path (module substitution: the
+  graph does not change, so the API can put the new module into the user's own model);
+* a ``call_module`` of a BN subclass with its own forward (captured as a leaf): the new layer
+  is *grafted* (:mod:`normswap.passes._graft`) -- it runs the subclass's forward with the new
+  normalisation in place of its ``F.batch_norm`` call, keeping the activation/dropout/extra
+  buffers, and it keeps the BN's state_dict keys;
+* a functional ``F.batch_norm`` / ``torch.batch_norm`` / ATen ``batch_norm`` call: inside a BN
+  subclass traced through (``bn_subclasses="inline"``) the new layer is installed at the
+  subclass's path with the subclass's children grafted on, and the call becomes a call of it;
+  a call on tensors held by another module becomes a new module ``<node>_swapped``.
+
+The new layer carries the old one's train/eval flag, its parameters' ``requires_grad`` and its
+forward hooks. Factories refuse invalid statistics (NaN, inf, negative variance) with a reason
+that the report records against the layer. With ``strict=True`` every refusal is collected and
+raised once as :class:`~normswap.errors.UnsupportedNodeError`.
 """
 
 from __future__ import annotations
@@ -20,23 +31,23 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .._modules import set_submodule
+from .._modules import carry_module_state, set_submodule
 from ..errors import UnsupportedNodeError
 from ..report import PassReport
+from ._graft import carry_extras, graft
 from ._match import (
-    eliminate_dead_code,
     FUNCTIONAL_BATCH_NORM,
-    batchnorm_like_modules,
+    batch_norm_args,
     is_batchnorm,
     is_frozen_batchnorm,
-    overrides_forward,
+    needs_graft,
 )
 
-__all__ = ["swap_norm", "swap_modules", "state_key_map", "refuse_if_strict"]
+__all__ = ["swap_norm", "state_key_map", "refuse_if_strict", "swap_module"]
 
 log = logging.getLogger(__name__)
 
-Factory = Callable[..., nn.Module]
+Factory = Callable[[nn.Module], nn.Module]
 
 
 def state_key_map(prefix: str, old: nn.Module, new: nn.Module) -> dict[str, str | None]:
@@ -55,18 +66,42 @@ def state_key_map(prefix: str, old: nn.Module, new: nn.Module) -> dict[str, str 
     return out
 
 
-def _describe(m: nn.Module) -> str:
-    return type(m).__name__
+def swap_module(path: str, mod: nn.Module, factory: Factory, report: PassReport
+                ) -> nn.Module | None:
+    """Build the replacement of one BatchNorm module and record it (None when refused).
+
+    Shared by the graph pass and the API's module walk, so both record the same entries.
+    """
+    try:
+        new = factory(mod)
+        detail = "frozen" if is_frozen_batchnorm(mod) else ""
+        if needs_graft(mod):
+            new, note = graft(mod, new, path=path)
+            detail = "extra behaviour of the subclass kept (grafted)" + (
+                f"; {note}" if note else "")
+    except (ValueError, TypeError, UnsupportedNodeError) as exc:
+        report.skip(path, type(mod).__name__, str(exc))
+        return None
+    for lost in carry_module_state(mod, new):
+        report.warn(f"{lost}", node=path)
+    report.key_map.update(state_key_map(path, mod, new))
+    report.change(path, type(mod).__name__, type(new).__name__, detail)
+    return new
 
 
-def _bn_from_tensors(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
-                     bias: torch.Tensor | None, eps: float, momentum: float | None,
-                     ndim_hint: int | None) -> _BatchNorm:
-    """A stand-in nn.BatchNorm holding the tensors of a functional ``F.batch_norm`` call."""
-    cls = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(ndim_hint or 4,
-                                                                      nn.BatchNorm2d)
-    bn = cls(mean.numel(), eps=eps, momentum=momentum, affine=weight is not None,
-             device=mean.device, dtype=mean.dtype)
+def _bn_from_tensors(args: dict[str, Any], gm: fx.GraphModule) -> _BatchNorm:
+    """A stand-in nn.BatchNorm2d holding the tensors of a functional batch-norm call."""
+    def tensor(node: Any) -> torch.Tensor | None:
+        return None if node is None else _attr(gm, str(node.target)).detach()
+
+    mean, var = tensor(args["running_mean"]), tensor(args["running_var"])
+    weight, bias = tensor(args["weight"]), tensor(args["bias"])
+    if mean is None or var is None:
+        raise ValueError("no running statistics")
+    mom = args["momentum"]
+    bn = nn.BatchNorm2d(mean.numel(), eps=float(args["eps"]),
+                        momentum=mom if isinstance(mom, float) else 0.1,
+                        affine=weight is not None, device=mean.device, dtype=mean.dtype)
     with torch.no_grad():
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
@@ -76,36 +111,24 @@ def _bn_from_tensors(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor
     return bn
 
 
-def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
+def _attr(root: nn.Module, target: str) -> torch.Tensor:
+    """The tensor at dotted path ``target``."""
+    path, _, name = target.rpartition(".")
+    return getattr(root.get_submodule(path) if path else root, name)
 
 
-def _graft(owner: nn.Module, new: nn.Module) -> None:
-    """Move children and non-BN attributes of a traced-through BN subclass onto ``new``."""
-    bn_names = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
-    for name, child in owner.named_children():
-        new.add_module(name, child)
-    for name, p in owner.named_parameters(recurse=False):
-        if name not in bn_names and not hasattr(new, name):
-            new.register_parameter(name, p)
-    for name, b in owner.named_buffers(recurse=False):
-        if name not in bn_names and not hasattr(new, name):
-            new.register_buffer(name, b)
-
-
-def swap_norm(gm: fx.GraphModule, factory: Factory, *, source: nn.Module | None = None,
-              method: str = "", **options: Any) -> tuple[fx.GraphModule, PassReport]:
-    """Replace every BatchNorm node of ``gm`` with ``factory(bn, **options)``.
+def swap_norm(gm: fx.GraphModule, *, factory: Factory, source: nn.Module | None = None,
+              strict: bool = True, method: str = "") -> tuple[fx.GraphModule, PassReport]:
+    """Replace every BatchNorm node of ``gm`` with ``factory(bn)``.
 
     Args:
-        gm: a GraphModule traced with :func:`normswap.passes._match.trace` (mutated).
-        factory: builds the replacement from one BatchNorm module.
-        source: the module ``gm`` was traced from; needed to rebuild BN subclasses whose
-            forward was traced through (their ``F.batch_norm`` call is replaced).
+        gm: a captured graph (mutated).
+        factory: builds the replacement from one BatchNorm module (options already bound).
+        source: the module ``gm`` was captured from; needed to rebuild BN subclasses whose
+            forward was traced through (their functional call is replaced).
+        strict: raise :class:`UnsupportedNodeError` listing every BatchNorm that cannot be
+            swapped (False: keep them and report each).
         method: method name for the report.
-        **options: passed to ``factory``.
 
     Returns:
         The rewritten GraphModule and its report.
@@ -115,38 +138,31 @@ def swap_norm(gm: fx.GraphModule, factory: Factory, *, source: nn.Module | None 
     for node in list(gm.graph.nodes):
         if node.op == "call_module":
             mod = gm.get_submodule(str(node.target))
-            if not is_batchnorm(mod) or overrides_forward(mod):
+            if not is_batchnorm(mod):
                 continue
             qual = str(node.target)
             if qual in seen:
-                report.note(f"module called more than once; replaced once and shared", node=qual)
+                report.note("module called more than once; replaced once and shared", node=qual)
                 continue
             seen.add(qual)
-            new = factory(mod, **options)
-            report.key_map.update(state_key_map(qual, mod, new))
-            set_submodule(gm, qual, new)
-            detail = "frozen" if is_frozen_batchnorm(mod) else ""
-            report.change(qual, _describe(mod), _describe(new), detail)
+            new = swap_module(qual, mod, factory, report)
+            if new is not None:
+                set_submodule(gm, qual, new)
         elif node.op == "call_function" and node.target in FUNCTIONAL_BATCH_NORM:
-            _swap_functional(gm, node, factory, source, report, seen, options)
-    eliminate_dead_code(gm)
-    gm.graph.lint()
-    gm.recompile()
+            _swap_functional(gm, node, factory, source, report, seen)
+    refuse_if_strict(report, strict)
     return gm, report
 
 
 def _swap_functional(gm: fx.GraphModule, node: fx.Node, factory: Factory,
-                     source: nn.Module | None, report: PassReport, seen: set[str],
-                     options: dict[str, Any]) -> None:
-    """Replace one ``F.batch_norm`` call node by a module call."""
-    names = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
-             "eps"]
-    defaults: list[Any] = [None, None, None, None, None, False, 0.1, 1e-5]
-    vals = {n: _arg(node, i, n, d) for i, (n, d) in enumerate(zip(names, defaults))}
-    stats = [vals[k] for k in ("running_mean", "running_var", "weight", "bias")]
+                     source: nn.Module | None, report: PassReport, seen: set[str]) -> None:
+    """Replace one functional batch-norm call node by a module call."""
+    args = batch_norm_args(node)
+    stats = [args[k] for k in ("running_mean", "running_var", "weight", "bias")]
     label = node.name
-    if vals["running_mean"] is None or vals["running_var"] is None:
+    if args["running_mean"] is None or args["running_var"] is None:
         report.skip(label, "F.batch_norm", "no running statistics (track_running_stats=False): "
+                    "it normalises with batch statistics even in eval mode, so there is "
                     "nothing to carry over; left as is")
         return
     attr_nodes = [s for s in stats if s is not None]
@@ -166,26 +182,30 @@ def _swap_functional(gm: fx.GraphModule, node: fx.Node, factory: Factory,
             owner_src = None
     label = owner_path or label
     if isinstance(owner_src, _BatchNorm):
-        if owner_path in seen:
-            report.note("BN subclass called more than once; replaced once and shared",
-                        node=owner_path)
-        else:
+        if owner_path not in seen:
             seen.add(owner_path)
-            new = factory(owner_src, **options)
-            container = gm.get_submodule(owner_path)
-            _graft(container, new)
+            try:
+                new = factory(owner_src)
+            except (ValueError, TypeError) as exc:
+                report.skip(owner_path, type(owner_src).__name__, str(exc))
+                return
+            carry_module_state(owner_src, new)
+            carry_extras(gm.get_submodule(owner_path), new)
             report.key_map.update(state_key_map(owner_path, owner_src, new))
             set_submodule(gm, owner_path, new)
             report.change(owner_path, f"{type(owner_src).__name__} (F.batch_norm inside its "
                           f"forward)", type(new).__name__,
                           "extra behaviour of the subclass kept in the graph")
+        else:
+            report.note("BN subclass called more than once; replaced once and shared",
+                        node=owner_path)
         target = owner_path
     else:
-        t = [None if s is None else _attr(gm, str(s.target)).detach() for s in stats]
-        mom = vals["momentum"]
-        bn = _bn_from_tensors(t[0], t[1], t[2], t[3], float(vals["eps"]),
-                              mom if isinstance(mom, float) else 0.1, None)
-        new = factory(bn, **options)
+        try:
+            new = factory(_bn_from_tensors(args, gm))
+        except (ValueError, TypeError) as exc:
+            report.skip(label, "F.batch_norm", str(exc))
+            return
         base = f"{owner_path}.{node.name}_swapped" if owner_path else f"{node.name}_swapped"
         gm.add_submodule(base, new)
         for s in attr_nodes:
@@ -194,41 +214,12 @@ def _swap_functional(gm: fx.GraphModule, node: fx.Node, factory: Factory,
                       f"functional call; new module at '{base}' (old tensors unused)")
         target = base
     with gm.graph.inserting_after(node):
-        new_node = gm.graph.call_module(target, (vals["input"],))
+        new_node = gm.graph.call_module(target, (args["input"],))
     node.replace_all_uses_with(new_node)
     gm.graph.erase_node(node)
     for s in attr_nodes:  # the old tensors may no longer exist on the replacement
         if not s.users:
             gm.graph.erase_node(s)
-
-
-def _attr(root: nn.Module, target: str) -> torch.Tensor:
-    """The tensor at dotted path ``target``."""
-    path, _, name = target.rpartition(".")
-    return getattr(root.get_submodule(path) if path else root, name)
-
-
-def swap_modules(model: nn.Module, factory: Factory, *, method: str = "",
-                 **options: Any) -> tuple[nn.Module, PassReport]:
-    """Module-walk fallback: replace BN modules in place (``model`` is mutated; pass a copy).
-
-    BN subclasses that override ``forward`` cannot keep their extra behaviour without a graph;
-    they are left as they are and reported.
-    """
-    report = PassReport(title=f"swap -> {method} (module walk)" if method else "swap")
-    for qual, mod in batchnorm_like_modules(model):
-        if overrides_forward(mod):
-            report.skip(qual, type(mod).__name__,
-                        "BN subclass with its own forward: without a graph its extra behaviour "
-                        "would be lost; make the model traceable or pass leaf_modules= for the "
-                        "part that breaks tracing")
-            continue
-        new = factory(mod, **options)
-        report.key_map.update(state_key_map(qual, mod, new))
-        set_submodule(model, qual, new)
-        report.change(qual, type(mod).__name__, type(new).__name__,
-                      "frozen" if is_frozen_batchnorm(mod) else "")
-    return model, report
 
 
 def refuse_if_strict(report: PassReport, strict: bool) -> None:

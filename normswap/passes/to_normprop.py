@@ -62,8 +62,8 @@ from ..norms.normprop import (
     NormPropBase,
 )
 from ..report import PassReport
-from ._match import is_batchnorm, is_impure, overrides_forward
-from .fold_conv_bn import norm_scale_shift
+from ._match import is_batchnorm, is_impure, is_residual_sum, module_of, overrides_forward
+from ._math import absorb_post_relu, normprop_params, norm_scale_shift
 
 __all__ = ["to_normprop", "normprop_params", "absorb_post_relu"]
 
@@ -91,52 +91,6 @@ _DROPOUT_FUNCTIONS: set[Any] = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d
 _COMMUTING_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze",
                       "permute", "transpose", "mean", "unflatten"}
 _SHAPE_METHODS = {"size", "dim"}
-_SUM_FUNCTIONS: set[Any] = {operator.add, operator.iadd, torch.add, operator.sub, torch.sub}
-
-
-# -- tensor math (pure) ----------------------------------------------------------------------
-
-def normprop_params(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor,
-                    kappa: float = KAPPA) -> tuple[Tensor, Tensor]:
-    """NormProp ``(γ, β)`` reproducing ``scale·(W∗x + b0) + shift`` (REFERENCE §4).
-
-    Args:
-        weight: conv/linear weight, output units on dim 0.
-        bias: conv/linear bias ``b0`` or None.
-        scale: per-unit BN scale ``s``.
-        shift: per-unit BN shift ``t`` (``β_BN − s·μ``).
-        kappa: the NormProp constant κ (absorbed into γ).
-
-    Returns:
-        ``γ = κ·s·‖W_i‖₂`` and ``β = t + s·b0`` in float64.
-    """
-    norm = torch.linalg.vector_norm(weight.detach().flatten(1), dim=1, dtype=torch.float64)
-    gamma = kappa * scale.double() * norm
-    beta = shift.double().clone()
-    if bias is not None:
-        beta = beta + scale.double() * bias.detach().double()
-    return gamma, beta
-
-
-def absorb_post_relu(weight: Tensor, bias: Tensor | None, a: float = POST_RELU_SCALE,
-                     c: float = POST_RELU_SHIFT) -> tuple[Tensor, Tensor]:
-    """Weights of a layer that reads ``o = a·r + c`` and must compute what it computed on ``r``.
-
-    Args:
-        weight: the consumer's weight ``W2``, output units on dim 0.
-        bias: the consumer's bias ``b2`` or None.
-        a: scale of the post-ReLU correction.
-        c: shift of the post-ReLU correction.
-
-    Returns:
-        ``W2' = W2/a`` in the weight's dtype (one correctly rounded division) and
-        ``b2' = b2 − (c/a)·ΣW2`` in float64 (the sum runs over each unit's whole filter, so the
-        border must be padded with ``c`` for a convolution).
-    """
-    w = weight.detach()
-    total = w.flatten(1).sum(dim=1, dtype=torch.float64)
-    b = bias.detach().double() if bias is not None else torch.zeros_like(total)
-    return w / a, b - (c / a) * total
 
 
 # -- graph analysis --------------------------------------------------------------------------
@@ -151,16 +105,9 @@ class _Chain:
     consumers: list[fx.Node] = field(default_factory=list)
 
 
-def _mod(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The module a call_module node calls, else None."""
-    if node.op != "call_module":
-        return None
-    return gm.get_submodule(str(node.target))
-
-
 def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
     """Short description of what a node does (for reasons in the report)."""
-    m = _mod(gm, node)
+    m = module_of(gm, node)
     if m is not None:
         return type(m).__name__
     if node.op == "call_function":
@@ -172,7 +119,7 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
 
 def _is_bn_node(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A BatchNorm call, as a leaf module or a functional batch_norm."""
-    m = _mod(gm, node)
+    m = module_of(gm, node)
     if m is not None:
         return is_batchnorm(m) and not overrides_forward(m)
     return node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm)
@@ -180,20 +127,12 @@ def _is_bn_node(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     """nn.ReLU, F.relu / torch.relu (and in-place forms) or ``x.relu()``."""
-    m = _mod(gm, node)
+    m = module_of(gm, node)
     if m is not None:
         return type(m) is nn.ReLU
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS
     return node.op == "call_method" and node.target in _RELU_METHODS
-
-
-def _is_residual_sum(node: fx.Node) -> bool:
-    """An add/sub of two graph values."""
-    if node.op == "call_function" and node.target in _SUM_FUNCTIONS:
-        return sum(isinstance(a, fx.Node) for a in node.args) >= 2
-    return node.op == "call_method" and node.target in ("add", "add_", "sub", "sub_") and \
-        sum(isinstance(a, fx.Node) for a in node.args) >= 2
 
 
 def _module_calls(gm: fx.GraphModule) -> dict[str, int]:
@@ -211,7 +150,7 @@ def _commutes(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> tuple[bool, st
         return False, f"reads the ReLU output in an unsupported position ({_describe(gm, node)})"
     if any(a is src for a in list(node.args[1:]) + list(node.kwargs.values())):
         return False, f"reads the ReLU output twice ({_describe(gm, node)})"
-    m = _mod(gm, node)
+    m = module_of(gm, node)
     if m is not None:
         if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
             pads = m.padding if isinstance(m.padding, tuple) else (m.padding,)
@@ -263,7 +202,7 @@ def _find_consumers(gm: fx.GraphModule, relu: fx.Node, calls: dict[str, int],
             if _is_shape_query(user):
                 continue
             where = f"'{user.name}'"
-            if _is_residual_sum(user):
+            if is_residual_sum(user):
                 problems.append(f"post-ReLU output reaches residual sum {where} "
                                 f"({_describe(gm, user)}): offsets do not cancel")
                 continue
@@ -271,7 +210,7 @@ def _find_consumers(gm: fx.GraphModule, relu: fx.Node, calls: dict[str, int],
                 problems.append("post-ReLU output is a graph output (no layer absorbs the "
                                 "correction)")
                 continue
-            m = _mod(gm, user)
+            m = module_of(gm, user)
             if isinstance(m, _AFFINE_TYPES) or isinstance(m, NormPropBase):
                 reason = _consumer_problem(m, user, cur, calls, shared)
                 if reason:
@@ -315,7 +254,7 @@ def _shared_params(gm: fx.GraphModule) -> set[int]:
 def _chain_problem(gm: fx.GraphModule, bn_node: fx.Node,
                    calls: dict[str, int]) -> tuple[_Chain | None, str]:
     """Match conv → BN → ReLU around ``bn_node``; return the chain or the refusal reason."""
-    bn = _mod(gm, bn_node)
+    bn = module_of(gm, bn_node)
     if bn is None:
         return None, "functional batch_norm call (only BatchNorm modules are converted)"
     if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
@@ -323,7 +262,7 @@ def _chain_problem(gm: fx.GraphModule, bn_node: fx.Node,
     if calls.get(str(bn_node.target), 0) > 1:
         return None, f"BN module is called {calls[str(bn_node.target)]} times"
     src = bn_node.args[0] if bn_node.args else None
-    conv = _mod(gm, src) if isinstance(src, fx.Node) else None
+    conv = module_of(gm, src) if isinstance(src, fx.Node) else None
     if src is None or not isinstance(conv, _AFFINE_TYPES) or isinstance(conv, NormPropBase):
         what = _describe(gm, src) if isinstance(src, fx.Node) else "nothing"
         return None, f"BN not preceded by Conv1d/2d/3d or Linear (input is {what})"
@@ -337,7 +276,7 @@ def _chain_problem(gm: fx.GraphModule, bn_node: fx.Node,
     if len(users) != 1:
         return None, f"BN output has {len(users)} users ({', '.join(u.name for u in users)})"
     nxt = users[0]
-    if _is_residual_sum(nxt):
+    if is_residual_sum(nxt):
         return None, f"BN output feeds residual sum '{nxt.name}' ({_describe(gm, nxt)}), not a ReLU"
     if not _is_relu(gm, nxt):
         return None, (f"BN output feeds '{nxt.name}' ({_describe(gm, nxt)}): NormProp is "
@@ -419,8 +358,8 @@ def _insert_pad(gm: fx.GraphModule, node: fx.Node, conv: nn.Module, value: float
     conv._reversed_padding_repeated_twice = [0] * (2 * len(conv.kernel_size))
 
 
-def to_normprop(gm: fx.GraphModule, *, strict: bool = True, kappa: float = KAPPA,
-                **opts: Any) -> tuple[fx.GraphModule, PassReport]:
+def to_normprop(gm: fx.GraphModule, *, strict: bool = True, kappa: float = KAPPA
+                ) -> tuple[fx.GraphModule, PassReport]:
     """Convert every Conv/Linear → BatchNorm → ReLU chain to NormProp, eval-exact.
 
     Each converted chain becomes a NormProp layer (``γ·(W∗x)/(κ‖W_i‖₂) + β``) followed by the
@@ -433,7 +372,6 @@ def to_normprop(gm: fx.GraphModule, *, strict: bool = True, kappa: float = KAPPA
         strict: raise :class:`UnsupportedNodeError` listing every BatchNorm that cannot be
             converted (True), or keep those as BatchNorm and report each (False).
         kappa: the NormProp constant κ stored in the new layers (absorbed into γ).
-        **opts: ignored (accepted for the uniform pass signature).
 
     Returns:
         The rewritten graph module and the report.
@@ -441,8 +379,6 @@ def to_normprop(gm: fx.GraphModule, *, strict: bool = True, kappa: float = KAPPA
     Raises:
         UnsupportedNodeError: ``strict=True`` and at least one BatchNorm cannot be converted.
     """
-    if opts:
-        log.debug("to_normprop ignores options %s", sorted(opts))
     report = PassReport(title="to_normprop")
     calls = _module_calls(gm)
     shared = _shared_params(gm)
@@ -478,17 +414,17 @@ def to_normprop(gm: fx.GraphModule, *, strict: bool = True, kappa: float = KAPPA
         report.skip(label(n), op, why)
 
     # 1) every consumer absorbs the correction of the chain that feeds it
-    had_bias = {c.conv for c in chains if _mod(gm, c.conv).bias is not None}
+    had_bias = {c.conv for c in chains if module_of(gm, c.conv).bias is not None}
     absorbed: list[fx.Node] = []
     for chain in chains:
         for cons in chain.consumers:
-            _absorb(_mod(gm, cons))
+            _absorb(module_of(gm, cons))
             absorbed.append(cons)
     # 2) conv + BN become a NormProp layer (from the already corrected conv weights)
     converted: set[fx.Node] = set()
     for chain in chains:
         conv_name, bn_name = str(chain.conv.target), str(chain.bn.target)
-        conv, bn = _mod(gm, chain.conv), _mod(gm, chain.bn)
+        conv, bn = module_of(gm, chain.conv), module_of(gm, chain.bn)
         pad_value = POST_RELU_SHIFT if chain.conv in absorbed and _needs_pad_value(conv) else 0.0
         layer = _build_layer(conv, bn, kappa, pad_value)
         if chain.conv in had_bias:
@@ -511,7 +447,7 @@ def to_normprop(gm: fx.GraphModule, *, strict: bool = True, kappa: float = KAPPA
                       f"conv '{conv_name}', correction '{corr_name}'")
     # 3) plain consumers (not converted themselves) pad with c instead of 0
     for cons in absorbed:
-        m = _mod(gm, cons)
+        m = module_of(gm, cons)
         detail = "W/a, b - (c/a)·sum(W)"
         if cons not in converted and _needs_pad_value(m):
             _insert_pad(gm, cons, m, POST_RELU_SHIFT)

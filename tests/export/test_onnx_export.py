@@ -21,7 +21,7 @@ from normswap.export import FP16_TOLERANCES, Tolerances, ValidationError, export
 from normswap.export.fp16 import convert_fp16, remove_round_trip_casts
 from normswap._fs import atomic_write_bytes
 from normswap.export.onnx_export import export_fp32_proto
-from normswap.passes.fold_conv_bn import fold_model
+from tests.conftest import fold_model
 
 
 @torch.no_grad()

@@ -11,12 +11,9 @@ from torch import Tensor, fx, nn
 from torch.nn.utils import fusion
 
 from normswap.norms.affine import ChannelAffine
-from normswap.passes.fold_conv_bn import (
-    fold_bn_into_weights,
-    fold_conv_bn,
-    fold_model,
-    norm_scale_shift,
-)
+from normswap.passes._math import fold_bn_into_weights, norm_scale_shift
+from normswap.passes.fold_conv_bn import fold_conv_bn
+from tests.conftest import fold_model
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 

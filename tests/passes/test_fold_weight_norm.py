@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 from normswap.errors import UnsupportedNodeError
 from normswap._modules import safe_deepcopy
-from normswap.passes.fold_conv_bn import fold_model
+from tests.conftest import fold_model
 from normswap.passes.fold_weight_norm import (
     BoundedWeightNorm,
     apply_bounded_weight_norm,

@@ -17,8 +17,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from normswap.norms.kalman import KalmanBatchNorm, kalman_from_batchnorm
-from normswap.passes._match import trace
-from normswap.passes.kalman_prior import (
+from normswap.capture import trace
+from normswap.passes._math import (
     add_moments,
     avgpool_moments,
     cat_moments,
@@ -27,11 +27,11 @@ from normswap.passes.kalman_prior import (
     linear_moments,
     maxpool_moments,
     normalised_moments,
-    propagate_kalman_priors,
     relu_maxpool_moments,
     relu_moments,
-    remove_kalman_priors,
 )
+from normswap.passes._infra import cleanup
+from normswap.passes.kalman_prior import propagate_kalman_priors, remove_kalman_priors
 
 MEAN_ATOL = 0.03
 VAR_RTOL = 0.04

@@ -12,7 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normswap.errors import NormswapError
 from normswap.norms.affine import ChannelAffine
-from normswap.passes.strip_norm import strip_for_selu
+import normswap
 from tests.conftest import randomize_bn, rel_err
 
 torchvision = pytest.importorskip("torchvision")
@@ -20,9 +20,11 @@ torchvision = pytest.importorskip("torchvision")
 _RELU_FAMILY = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU)
 
 
-def _strip(model: nn.Module, **opts: object) -> tuple[fx.GraphModule, object]:
-    gm = fx.symbolic_trace(copy.deepcopy(model).eval())
-    return strip_for_selu(gm, **opts)
+def _strip(model: nn.Module, **opts: object) -> tuple[nn.Module, object]:
+    example = opts.pop("example_inputs", None)
+    result = normswap.swap(copy.deepcopy(model).eval(), "selu", example_inputs=example,
+                           strict=False, **opts)
+    return result, result.normswap_report
 
 
 def _count(model: nn.Module, cls: type | tuple[type, ...]) -> int:

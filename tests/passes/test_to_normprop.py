@@ -19,7 +19,8 @@ from normswap.norms.normprop import (
     NormPropLinear,
     NormPropBase,
 )
-from normswap.passes.to_normprop import absorb_post_relu, normprop_params, to_normprop
+from normswap.passes._math import absorb_post_relu, normprop_params
+from normswap.passes.to_normprop import to_normprop
 from tests.conftest import randomize_bn, rel_err
 
 torchvision = pytest.importorskip("torchvision")
