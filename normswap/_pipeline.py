@@ -177,24 +177,28 @@ def _repoint_outer(cap: Capture, inner: Region, gm: fx.GraphModule) -> None:
 
 # -- module walks --------------------------------------------------------------------------------
 def walk_swap(root: nn.Module, paths: Sequence[str], factory: Callable[[nn.Module], nn.Module],
-              report: PassReport, *, why: str) -> int:
-    """Replace the BatchNorms at ``paths`` in place; returns how many were replaced."""
-    done = 0
+              report: PassReport, *, why: str) -> PassReport:
+    """Replace the BatchNorms at ``paths`` in place.
+
+    Returns:
+        The walk's own entries (also appended to ``report``): a change or a skip per path.
+    """
+    walked = PassReport(title="module walk")
     for path in paths:
         mod = root.get_submodule(path)
         sub = PassReport()
         new = swap_module(path, mod, factory, sub)
         for entry in sub.entries:
             if getattr(entry, "kind", "") == "change":
-                report.change(entry.node, entry.before, entry.after,  # type: ignore[union-attr]
+                walked.change(entry.node, entry.before, entry.after,  # type: ignore[union-attr]
                               "; ".join(x for x in (entry.detail, why) if x))  # type: ignore
             else:
-                report.entries.append(entry)
-        report.key_map.update(sub.key_map)
+                walked.entries.append(entry)
+        walked.key_map.update(sub.key_map)
         if new is not None:
             set_submodule(root, path, new)
-            done += 1
-    return done
+    report.extend(walked)
+    return walked
 
 
 def walk_fold(root: nn.Module, paths: Sequence[str], report: PassReport, *,

@@ -23,6 +23,7 @@ from .errors import (
     MethodOptionError,
     NormswapError,
     NumericalMismatchError,
+    TracingError,
     UnsupportedModelError,
     UnsupportedNodeError,
     VerificationError,
@@ -114,27 +115,36 @@ def _record_capture(cap: Capture, report: PassReport) -> None:
     summary = cap.summary()
     report.metrics["capture"] = summary
     strategy = summary["strategy"]
+    culprits = summary["culprits"]
+    blame = ""
+    if culprits:
+        named = ", ".join(f"'{a.culprit}' ({a.culprit_type})" for a in _first_per_culprit(cap))
+        blame = (f"; the parts that break it: {named} (pass leaf_modules={culprits!r} to keep "
+                 "them out of the graph)")
     if strategy in ("fx", "fx-shape", "export"):
         report.note(f"captured the whole model with {_STRATEGY_NAMES[strategy]}")
     elif strategy == "regions":
         parts = ", ".join(f"'{p}' ({s})" for p, s in summary["regions"].items())
-        report.note(f"captured {len(cap.regions)} region(s): {parts}")
+        report.warn(f"could not capture the whole model{blame}; captured {len(cap.regions)} "
+                    f"region(s) instead: {parts}. Rewrites across region boundaries (folds, "
+                    "Kalman priors) are not possible there")
     else:
-        report.warn("no graph could be captured: BatchNorms are replaced by walking the module "
-                    "tree")
-    failures = [a for a in cap.attempts if a.path == "" or strategy != "regions"]
-    for a in failures[:6]:
+        report.warn(f"no graph could be captured{blame}: BatchNorms are replaced by walking "
+                    "the module tree")
+    for a in [a for a in cap.attempts if a.path == ""]:
         report.note(f"capture attempt failed: {a.describe()}")
-    if cap.attempts and strategy not in ("fx",):
-        culprits = sorted({a.culprit.split(" (")[0] for a in cap.attempts if a.culprit
-                           and a.culprit != "<model>"})
-        if culprits:
-            report.note(f"modules that broke tracing: {culprits[:6]}; to keep them out of the "
-                        f"graph pass leaf_modules={culprits[:6]!r}")
     for path, spec in summary["specialised"].items():
         report.note(f"'{path}': control flow decided by the example's shapes at "
                     f"{len(spec)} place(s) ({'; '.join(spec[:3])}); the graph holds for inputs "
                     "that take the same branches")
+
+
+def _first_per_culprit(cap: Capture) -> list[Any]:
+    seen: dict[str, Any] = {}
+    for a in cap.attempts:
+        if a.path == "" and a.culprit and a.culprit not in seen:
+            seen[a.culprit] = a
+    return list(seen.values())
 
 
 _STRATEGY_NAMES = {"fx": "torch.fx symbolic tracing", "fx-shape": "shape-aware torch.fx "
@@ -262,6 +272,15 @@ def swap(model: nn.Module, method: str, *, example_inputs: Any = None,
     inputs, kwargs, guessed = _resolve_inputs(work, example_inputs, example_kwargs, report)
     cap, inputs = _capture(work, inputs, kwargs, leaf_modules, m.inline(options), guessed,
                            report)
+    if m.needs_graph and cap.strategy not in _STRATEGY_NAMES:
+        culprits = cap.summary()["culprits"]
+        tried = "; ".join(a.describe() for a in cap.attempts if a.path == "")
+        raise TracingError(
+            f"method '{m.name}' needs the whole model's graph, but {type(model).__name__} could "
+            f"not be captured ({tried or 'no strategy applied'}). "
+            + (f"Pass leaf_modules={culprits!r} to keep the parts that break capture out of "
+               "the graph" if culprits else "Pass example_inputs=... so that shape-aware "
+               "tracing and torch.export can run"))
     n_bn = len(batchnorm_like_modules(work))
     functional = _has_functional_bn(cap)
     uncovered = cap.uncovered_batchnorms()
@@ -272,6 +291,7 @@ def swap(model: nn.Module, method: str, *, example_inputs: Any = None,
                                            context=context, report=report, method=m.name)
     _report_outcomes(outcomes, report, model)
     _handle_uncovered(m, result, work, uncovered, factory, report, strict, cap)
+    _record_dropped_keys(work, result, report)
     _check_leftovers(m, result, report, strict, n_bn, functional)
     report.metrics["swapped"] = len(report.changes)
     report.metrics["swap_seconds"] = round(time.perf_counter() - t0, 4)
@@ -331,11 +351,26 @@ def _handle_uncovered(m: Method, result: nn.Module, work: nn.Module, uncovered: 
             refuse_if_strict(sub, True)
         return
     root = work if result is work else result
-    walk_swap(root, uncovered, factory, report, why=why)
+    walked = walk_swap(root, uncovered, factory, report, why=why)
+    if strict:
+        from .passes.swap_norm import refuse_if_strict
+
+        refuse_if_strict(walked, True)
     kalman_prior = any(s.fn.__name__ == "propagate_kalman_priors" for s in m.steps)
     if kalman_prior and cap.strategy not in ("fx", "fx-shape", "export"):
         report.warn(f"{len(uncovered)} Kalman layer(s) outside any captured graph run without "
                     f"graph priors: {uncovered[:6]}{' ...' if len(uncovered) > 6 else ''}")
+
+
+def _record_dropped_keys(work: nn.Module, result: nn.Module, report: PassReport) -> None:
+    """State keys of the model that the result no longer holds (a graph without the modules
+    the eval forward never calls)."""
+    if result is work:
+        return
+    kept = set(result.state_dict().keys())
+    for k in work.state_dict():
+        if k not in kept and k not in report.key_map:
+            report.key_map[k] = None
 
 
 def _capture_hint(cap: Capture) -> str:

@@ -12,9 +12,8 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn

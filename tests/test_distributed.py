@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import pytest

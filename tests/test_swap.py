@@ -15,6 +15,7 @@ from normswap.errors import (
     TracingError,
     UnknownMethodError,
     UnsupportedNodeError,
+    VerificationError,
 )
 from normswap.passes._match import batchnorm_like_modules
 from normswap.registry import register_norm
@@ -204,8 +205,9 @@ def test_untraceable_model_falls_back_and_names_the_module(method: str) -> None:
     out = normswap.swap(model, method, example_inputs=x)
     rep = out.normswap_report
     assert any("'gate' (Gate)" in w.message for w in rep.warnings)
-    assert rep.metrics["untraceable"] == ["gate"]
-    assert not batchnorm_like_modules(out)
+    assert rep.metrics["capture"]["culprits"] == ["gate"]
+    assert rep.metrics["capture"]["strategy"] == "regions"
+    assert isinstance(out, Untraceable) and not batchnorm_like_modules(out)
     with torch.no_grad():
         assert rel_err(out(x), model(x)) < 1e-5
 
@@ -218,7 +220,9 @@ def test_leaf_modules_option_keeps_the_graph() -> None:
     assert isinstance(out, Untraceable) and out.normswap_report.metrics["mode"] == "module"
     assert not out.normswap_report.warnings
     kal = normswap.swap(model, "kalman", leaf_modules=["gate"], example_inputs=x)
-    assert isinstance(kal, torch.fx.GraphModule) and kal.normswap_report.metrics["mode"] == "graph"
+    # the prior chain to 'bn' is cut at the opaque 'gate': nothing to wire, the class is kept
+    assert isinstance(kal, Untraceable) and kal.normswap_report.metrics["mode"] == "module"
+    assert [(s.node, s.op) for s in kal.normswap_report.skips] == [("bn", "Gate")]
 
 
 class SuperForwardBN(nn.BatchNorm2d):
@@ -247,6 +251,7 @@ def test_train_only_branches_survive_module_mode() -> None:
     kal = normswap.swap(model.eval(), "kalman", example_inputs=torch.randn(1, 3, 64, 64))
     assert any("aux1" in w.message for w in kal.normswap_report.warnings)
     assert kal.normswap_report.key_map["aux1.conv.bn.running_var"] is None
+    assert isinstance(kal, torch.fx.GraphModule)
 
 
 def test_mixed_train_eval_flags_are_kept() -> None:
@@ -267,13 +272,29 @@ class SubUntraceable(Untraceable):
         self.bn = BNAct(4)
 
 
+class TwiceBN(nn.BatchNorm2d):
+    """A subclass that normalises twice: no single batch_norm call to graft."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias)
+        return F.batch_norm(y, self.running_mean, self.running_var, self.weight, self.bias)
+
+
 def test_strict_refuses_what_fallback_cannot_keep() -> None:
     model = randomize_bn(SubUntraceable()).eval()
-    with pytest.raises(UnsupportedNodeError, match="'bn'"):
-        normswap.swap(model, "l1")
-    out = normswap.swap(model, "l1", strict=False, example_inputs=torch.randn(2, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    # the module walk grafts the subclass: its activation is kept although no graph reaches it
+    out = normswap.swap(model, "l1", example_inputs=x)
+    assert not batchnorm_like_modules(out) and type(out.bn).__name__ == "L1BatchNorm2d[BNAct]"
+    with torch.no_grad():
+        assert rel_err(out(x), model(x)) < 1e-5
+    # what the walk cannot keep (a subclass calling batch_norm twice) is refused under strict
+    model.bn = randomize_bn(TwiceBN(4))
+    with pytest.raises(UnsupportedNodeError, match="'bn'.*batch_norm 2 times"):
+        normswap.swap(model, "l1", example_inputs=x)
+    out = normswap.swap(model, "l1", strict=False, example_inputs=x)
     assert [s.node for s in out.normswap_report.skips] == ["bn"]
-    assert isinstance(out.bn, BNAct)
+    assert isinstance(out.bn, TwiceBN)
 
 
 def test_unknown_method_lists_choices() -> None:
@@ -290,7 +311,7 @@ def test_method_names_are_normalised() -> None:
 
 def test_mismatch_raises_naming_the_layer() -> None:
     @register_norm("_test_broken", summary="deliberately wrong")
-    def _broken(bn: nn.Module, **_: object) -> nn.Module:
+    def _broken(bn: nn.Module) -> nn.Module:
         from normswap.norms.lp_batchnorm import l1_from_batchnorm
 
         new = l1_from_batchnorm(bn)
@@ -314,8 +335,10 @@ def test_unguessable_input_is_reported_not_silent() -> None:
         def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return self.bn(a + b)
 
-    out = normswap.swap(TwoInputs().eval(), "l1")
-    assert any("NOT verified" in w.message for w in out.normswap_report.warnings)
+    with pytest.raises(VerificationError, match="could not run.*example_inputs"):
+        normswap.swap(TwoInputs().eval(), "l1")
+    out = normswap.swap(TwoInputs().eval(), "l1", verify=False)
+    assert any("verify=False" in n.message for n in out.normswap_report.notes)
 
 
 def test_sync_option_converts_layers_and_keeps_keys() -> None:

@@ -30,14 +30,18 @@ anchor grid of FakeTensors gets its attributes back).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
 import traceback
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from .._modules import ModuleStateGuard
 from ..errors import NormswapError
@@ -46,7 +50,6 @@ from ..passes._match import (
     functional_batch_norm_nodes,
     is_batchnorm,
     is_normswap_layer,
-    needs_graft,
 )
 from ..progress import stage
 from ._export import export_graph
@@ -73,9 +76,10 @@ class Attempt:
     strategy: str
     error: str
     culprit: str = ""
+    culprit_type: str = ""
 
     def describe(self) -> str:
-        where = f" at '{self.culprit}'" if self.culprit else ""
+        where = f" in '{self.culprit}' ({self.culprit_type})" if self.culprit else ""
         return f"{self.strategy} on '{self.path or '<model>'}'{where}: {self.error}"
 
 
@@ -150,6 +154,7 @@ class Capture:
         """JSON-friendly record for the report's metrics."""
         return {
             "strategy": self.strategy,
+            "culprits": sorted({a.culprit for a in self.attempts if a.path == "" and a.culprit}),
             "regions": {r.path or "<model>": r.strategy for r in self.regions},
             "failed_attempts": [a.describe() for a in self.attempts],
             "specialised": {r.path or "<model>": r.specialised for r in self.regions
@@ -205,17 +210,19 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def _culprit(exc: BaseException, root: nn.Module) -> str:
-    """The innermost submodule of ``root`` whose forward was running when ``exc`` was raised."""
+def _culprit(exc: BaseException, root: nn.Module, prefix: str = "") -> tuple[str, str]:
+    """``(qualified name, class)`` of the innermost submodule of ``root`` whose forward was
+    running when ``exc`` was raised (``("", "")`` when none is found or it is the root)."""
     names = {id(m): n for n, m in root.named_modules()}
-    found = ""
+    found: tuple[str, str] = ("", "")
     for frame, _ in traceback.walk_tb(exc.__traceback__):
         obj = frame.f_locals.get("self")
-        if isinstance(obj, nn.Module) and id(obj) in names:
-            found = f"{names[id(obj)] or '<model>'} ({type(obj).__name__})"
+        if isinstance(obj, nn.Module) and id(obj) in names and names[id(obj)]:
+            found = (f"{prefix}.{names[id(obj)]}" if prefix else names[id(obj)],
+                     type(obj).__name__)
     cause = exc.__cause__ or exc.__context__
-    if not found and cause is not None and cause is not exc:
-        return _culprit(cause, root)
+    if not found[0] and cause is not None and cause is not exc:
+        return _culprit(cause, root, prefix)
     return found
 
 
@@ -389,7 +396,7 @@ def _try_strategies(result: Capture, path: str, module: nn.Module,
             continue
         label = path or type(module).__name__
         try:
-            with stage(f"capture {label}", name), ModuleStateGuard(result.root):
+            with stage(f"capture {label}", name), ModuleStateGuard(result.root), _quiet():
                 gm, spec = _STRATEGY_FN[name](module, args, kwargs, _relative(leaf_modules, path),
                                              bn_subclasses)
                 checked = False
@@ -397,7 +404,7 @@ def _try_strategies(result: Capture, path: str, module: nn.Module,
                     with torch.no_grad():
                         if reference is None:
                             reference = module(*args, **kwargs)
-                        got = gm(*args, **kwargs)
+                        got = _run_with_shapes(gm, args, kwargs)
                     ok, why = outputs_match(got, reference)
                     if not ok:
                         raise _Mismatch(f"the captured graph does not reproduce the module's "
@@ -405,11 +412,42 @@ def _try_strategies(result: Capture, path: str, module: nn.Module,
                     checked = True
         except Exception as exc:  # noqa: BLE001 - every failure is recorded, next strategy
             result.attempts.append(Attempt(path, name, f"{type(exc).__name__}: "
-                                           f"{_first_line(exc)}", _culprit(exc, module)))
+                                           f"{_first_line(exc)}", *_culprit(exc, module, path)))
             log.debug("capture %s with %s failed: %s", path or "<model>", name, exc)
             continue
         return Region(path, gm, name, spec, checked)
     return None
+
+
+def _run_with_shapes(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run ``gm`` on the example, recording every node's output shape (``tensor_meta``) when
+    the graph's placeholders take the inputs positionally."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not kwargs and len(placeholders) == len(args):
+        try:
+            return ShapeProp(gm).propagate(*args)
+        except Exception as exc:  # noqa: BLE001 - shapes are a bonus; the plain run decides
+            log.debug("shape propagation failed: %s", exc)
+    return gm(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep torch's own logs and warnings of a failing trace/export off the user's console
+    (the failure is recorded in the report instead)."""
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.export", "torch._dynamo",
+                                               "torch.fx", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+                contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 class _Mismatch(Exception):
@@ -455,8 +493,8 @@ def _capture_module(result: Capture, path: str, module: nn.Module,
 
 def _worth_capturing(m: nn.Module) -> bool:
     """A module that holds (or is) a BatchNorm, or has buffers a functional batch norm may use."""
-    if is_batchnorm(m) and not needs_graft(m):
-        return False  # a plain BN needs no graph of its own: the module walk handles it
+    if is_batchnorm(m):
+        return False  # the module walk replaces (or grafts) a BatchNorm without a graph
     return any(is_batchnorm(s) for s in m.modules()) or any(True for _ in m.buffers())
 
 

@@ -20,6 +20,7 @@ inputs that take the same branches.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import Any, Iterable, Iterator
@@ -29,7 +30,7 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..passes._match import is_frozen_batchnorm, is_normswap_layer, needs_graft
+from ..passes._match import LEAF_FUNCTIONS, is_frozen_batchnorm, is_normswap_layer, needs_graft
 
 __all__ = ["NormTracer", "ValueTracer", "notrace_registry", "trace", "BnSubclasses"]
 
@@ -78,8 +79,8 @@ class NormTracer(fx.Tracer):
                  bn_subclasses: BnSubclasses = "inline",
                  leaf_functions: Iterable[Any] = ()) -> None:
         classes, functions = notrace_registry()
-        super().__init__(autowrap_functions=tuple(functions) + tuple(leaf_functions),
-                         param_shapes_constant=True)
+        super().__init__(autowrap_functions=tuple(functions) + tuple(LEAF_FUNCTIONS)
+                         + tuple(leaf_functions), param_shapes_constant=True)
         leaves = list(leaf_modules)
         self.leaf_names = {x for x in leaves if isinstance(x, str)}
         self.leaf_types = tuple(x for x in leaves if isinstance(x, type)) + classes
@@ -150,6 +151,23 @@ class _ValueAttribute(_ValueProxy, fx.proxy.Attribute):
             self._value = getattr(base, attr) if base is not _NO_VALUE else _NO_VALUE
         except Exception:  # noqa: BLE001 - an unknown attribute: plain fx behaviour
             self._value = _NO_VALUE
+
+
+@contextlib.contextmanager
+def _unpatched_modules() -> Iterator[None]:
+    """Run real modules while fx traces: fx patches ``nn.Module.__call__`` (and
+    ``__getattr__``) for the duration of a trace, which would turn a concrete call into graph
+    nodes."""
+    from torch.fx import _symbolic_trace as st
+
+    call, getattr_ = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__ = st._orig_module_call  # type: ignore[method-assign]
+    nn.Module.__getattr__ = st._orig_module_getattr  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.__call__ = call  # type: ignore[method-assign]
+        nn.Module.__getattr__ = getattr_  # type: ignore[method-assign]
 
 
 def _depends_on_data(value: Any) -> bool:
@@ -231,7 +249,7 @@ class ValueTracer(NormTracer):
                 value = getattr(value, part)
             return value
         a, kw = self._value_of(args), self._value_of(kwargs)
-        with torch.no_grad():
+        with torch.no_grad(), _unpatched_modules():
             if kind == "call_module":
                 return self.root.get_submodule(str(target))(*a, **kw)
             if kind == "call_method":

@@ -22,13 +22,10 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
-import numpy as np
 import onnx
 import torch
 from onnx import ModelProto

@@ -3,8 +3,8 @@
 A pass is a function ``pass_fn(gm, *, <typed keyword options>) -> (gm, PassReport)``: it may
 mutate ``gm`` (a private copy made once by the API), records every rewrite and every refusal in
 its report, and does NOT clean up after itself: :func:`run_passes` runs dead-code elimination
-(keeping in-place calls), ``graph.lint()`` and ``recompile()`` once after each pass, and wraps
-any error with the pass's name and the passes that ran before it, like
+(keeping in-place calls), ``graph.lint()`` and ``recompile()`` once after each pass, and prefixes
+any error with the pass's name and the passes that ran before it (keeping its type), like
 ``torch.fx.passes.infra.pass_manager.PassManager`` does.
 
 Options are checked against each pass's signature before anything runs: an unknown option is an
@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from torch import fx
 
-from ..errors import MethodOptionError, NormswapError, PassError
+from ..errors import MethodOptionError, PassError
 from ..report import PassReport
 from ._match import eliminate_dead_code
 
@@ -111,8 +111,8 @@ def run_passes(gm: fx.GraphModule, steps: Sequence[PassStep], *,
 
     Raises:
         MethodOptionError: a user option is accepted by no pass.
-        NormswapError: a pass refused (the message names the pass and the passes before it).
-        PassError: a pass failed unexpectedly (wrapping the original error).
+        Exception: what a pass raised, its message prefixed with the pass's name and the
+            passes before it (:class:`PassError` when the error had no message to prefix).
     """
     user_options = dict(user_options or {})
     context = dict(context or {})
@@ -138,11 +138,11 @@ def run_passes(gm: fx.GraphModule, steps: Sequence[PassStep], *,
         try:
             gm, sub = step.fn(gm, **kwargs)
             cleanup(gm)
-        except NormswapError as exc:
+        except Exception as exc:  # noqa: BLE001 - named with the pass, type kept
+            if not (exc.args and isinstance(exc.args[0], str)):
+                raise PassError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
             _prefix_error(exc, where)
             raise
-        except Exception as exc:  # noqa: BLE001 - wrapped with the pass's name
-            raise PassError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
         report.extend(sub)
         done.append(step.name)
         log.debug("ran %s", step.name)

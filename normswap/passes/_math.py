@@ -19,6 +19,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..norms.kalman import Moments

@@ -55,6 +55,7 @@ __all__ = ["fold_conv_bn", "is_foldable_norm", "norm_refusal", "fold_into_layer"
 log = logging.getLogger(__name__)
 
 TrainMode = Literal["skip", "freeze"]
+_FP16_MAX = 65504.0
 
 
 def is_foldable_norm(m: nn.Module) -> bool:
@@ -222,6 +223,12 @@ def fold_conv_bn(gm: fx.GraphModule, *, train_mode: TrainMode = "skip",
                 detail += f"; its extra behaviour kept as {type(rest).__name__}"
             report.change(target, kind, f"folded into {layer_target}", detail)
             folded += 1
+            peak = max(float(layer.weight.detach().abs().max()),
+                       float(layer.bias.detach().abs().max()))
+            if peak > _FP16_MAX and layer.weight.dtype not in (torch.float16,):
+                report.warn(f"folded parameters of '{layer_target}' reach |w| = {peak:.3g} > "
+                            f"{_FP16_MAX:g}: inf in fp16 (normswap's fp16 export keeps the "
+                            "layer in fp32)", layer_target)
         else:
             new = _as_affine(target, norm, trainable_affine)
             set_submodule(gm, target, new)

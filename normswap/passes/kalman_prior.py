@@ -46,7 +46,6 @@ the report records a skip naming the op. Gradients flow through the prior path (
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import operator

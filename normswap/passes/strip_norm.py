@@ -45,7 +45,7 @@ from ..calibrate import forward_batch
 from ..errors import NormswapError
 from ..norms.affine import ChannelAffine
 from ..report import PassReport
-from ._match import functional_batch_norm_nodes, is_residual_sum, module_of
+from ._match import functional_batch_norm_nodes, is_impure, is_residual_sum, module_of
 from ._math import fold_bn_into_weights
 
 __all__ = ["selu_activations", "alpha_dropout", "selu_init", "lecun_normal_", "calibrate_units",
@@ -200,9 +200,13 @@ def _warn_fixed_point_breakers(gm: fx.GraphModule, report: PassReport) -> None:
     if sums:
         report.warn(f"{len(sums)} residual sum(s) break the self-normalizing fixed point "
                     f"(variances add up): {', '.join(sums)}")
+        for name in sums:
+            report.warn("residual sum: not covered by SELU theory", node=name)
     if pools:
         report.warn(f"{len(pools)} max-pool(s) break the self-normalizing fixed point (they "
                     f"raise the mean): {', '.join(pools)}")
+        for name in pools:
+            report.warn("max-pool: not covered by SELU theory", node=name)
 
 
 def _hidden_layers(gm: fx.GraphModule) -> list[fx.Node]:
@@ -327,6 +331,11 @@ def selu_activations(gm: fx.GraphModule) -> tuple[fx.GraphModule, PassReport]:
         sums and max-pools that break the self-normalizing fixed point.
     """
     report = PassReport(title="SELU activations")
+    dead_inplace = [n.name for n in gm.graph.nodes if not n.users and n.op != "output"
+                    and is_impure(n) and not n.is_impure()]
+    if dead_inplace:
+        report.warn("in-place calls whose result is unused keep their in-place effect only as "
+                    f"long as nothing re-traces them: {', '.join(dead_inplace)}")
     report.warn("the 'selu' method changes the network's function (ReLU -> SELU, BatchNorm "
                 "removed): it is NOT eval-exact; fine-tune or retrain before use")
     if _replace_activations(gm, report) == 0:

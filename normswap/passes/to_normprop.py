@@ -44,19 +44,17 @@ from __future__ import annotations
 
 import builtins
 import logging
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import fx, nn
 
 from ..errors import UnsupportedNodeError
 from ..norms.normprop import (
     KAPPA,
     NORMPROP_LAYERS,
-    POST_RELU_SCALE,
     POST_RELU_SHIFT,
     NormPropCorrection,
     NormPropBase,
