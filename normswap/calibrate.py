@@ -10,6 +10,10 @@ Which layers: every module that has a tensor ``running_mean`` attribute, a calla
 ``reset_running_stats()`` and a ``momentum`` attribute: ``nn.BatchNorm*``, ``SyncBatchNorm``,
 ``InstanceNorm`` with ``track_running_stats=True`` and normswap's own layers (which follow the
 same contract: ``momentum=None`` means a cumulative average over ``num_batches_tracked``).
+
+A NaN or an inf never reaches the statistics silently: each batch's input and, after it, every
+layer's statistics are checked; a non-finite batch stops the run (the error names its index) or,
+with ``on_nonfinite="skip"``, is undone and listed in the report. See docs/verification.md.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from .errors import NormswapError
+from .inputs import iter_tensors
+from .progress import iterate
+from .report import PassReport
 
 __all__ = ["recalibrate", "running_stat_modules", "forward_batch"]
 
 log = logging.getLogger(__name__)
-
-_LOG_EVERY = 10
 
 
 def running_stat_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -106,26 +111,30 @@ def forward_batch(model: nn.Module, batch: Any) -> Any:
         "(input, target) tuples/lists, or dicts of keyword inputs")
 
 
-def _progress(batches: Iterable[Any], total: int | None, enabled: bool) -> Iterable[Any]:
-    """Wrap ``batches`` in a tqdm bar when tqdm is installed, else log every few batches."""
-    if not enabled:
-        return batches
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _logged(batches, total)
-    return tqdm(batches, total=total, desc="recalibrate", unit="batch", leave=False)
+def _fed_tensors(batch: Any) -> list[Tensor]:
+    """The tensors of ``batch`` that :func:`forward_batch` feeds to the model."""
+    fed = batch
+    if isinstance(batch, (tuple, list)) and not isinstance(batch, Mapping) and batch:
+        fed = batch[0]
+    return list(iter_tensors(fed))
 
 
-def _logged(batches: Iterable[Any], total: int | None) -> Iterable[Any]:
-    """Yield the batches, logging progress (the no-tqdm fallback)."""
-    of = f"/{total}" if total is not None else ""
-    i = 0
-    for i, b in enumerate(batches, 1):
-        yield b
-        if i % _LOG_EVERY == 0:
-            log.info("recalibrate: %d%s batches", i, of)
-    log.info("recalibrate: done after %d batches", i)
+def _count_nonfinite(tensors: list[Tensor]) -> int:
+    """Number of NaN/inf values in the floating (and complex) tensors."""
+    return sum(int((~torch.isfinite(t)).sum()) for t in tensors
+               if t.is_floating_point() or t.is_complex())
+
+
+def _nonfinite_layers(layers: list[tuple[str, nn.Module]]) -> list[str]:
+    """Names of the layers with a non-finite value in a floating statistics buffer."""
+    return [name or "<root>" for name, m in layers
+            if any(b.is_floating_point() and not bool(torch.isfinite(b).all())
+                   for b in m.buffers(recurse=False))]
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _snapshot(layers: list[tuple[str, nn.Module]]) -> list[dict[str, Tensor]]:
@@ -143,8 +152,8 @@ def _restore_buffers(layers: list[tuple[str, nn.Module]], saved: list[dict[str, 
 
 
 def recalibrate(model: nn.Module, batches: Iterable[Any], *, num_batches: int | None = None,
-                momentum: float | None = None, progress: bool = True,
-                reset: bool = True) -> nn.Module:
+                momentum: float | None = None, progress: bool = True, reset: bool = True,
+                on_nonfinite: str = "raise", report: PassReport | None = None) -> nn.Module:
     """Re-estimate the running statistics of every normalisation layer, in place.
 
     The model is changed **in place** and returned (meant for the copy that ``swap`` returned;
@@ -154,6 +163,13 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], *, num_batches: int | 
     module's ``training`` flag and each layer's ``momentum`` are restored. If the run fails, the
     statistics are restored as well.
 
+    Non-finite values never reach the statistics silently: a batch whose input holds a NaN or
+    an inf, and a batch after which a statistic is non-finite (an overflow, a NaN made inside
+    the model), either stops the run (``on_nonfinite="raise"``: the error names the batch by
+    its index, counting from 0, and every statistic is put back as it was before the run) or
+    is skipped (``on_nonfinite="skip"``: the statistics are put back as they were before that
+    batch, and the report gets a skip entry for it).
+
     Args:
         model: the model whose layers to recalibrate (see :func:`running_stat_modules`).
         batches: any iterable of tensors, ``(input, target)`` tuples/lists (the first element is
@@ -161,24 +177,42 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], *, num_batches: int | 
         num_batches: use at most this many batches (default: all of them).
         momentum: momentum used during the run; ``None`` (default) gives a cumulative average in
             which every batch weighs the same.
-        progress: show a tqdm progress bar when tqdm is installed, else log progress.
+        progress: show progress through :func:`normswap.progress.iterate` (when progress is
+            enabled there); ``False`` never shows it.
         reset: reset the statistics first (``reset_running_stats()``); with ``reset=False`` and
             ``momentum=None`` the average continues from ``num_batches_tracked``.
+        on_nonfinite: ``"raise"`` (default) or ``"skip"``, see above.
+        report: the report that receives the skipped batches and a summary; by default the
+            model's ``normswap_report`` (the one ``swap`` attached), else a new report that is
+            attached to the model as ``normswap_report``.
 
     Returns:
         ``model`` itself.
 
     Raises:
-        NormswapError: ``batches`` yielded no batch, or a batch has an unsupported form.
-        ValueError: ``num_batches`` is not positive.
+        NormswapError: ``batches`` yielded no usable batch, a batch has an unsupported form, a
+            batch is non-finite (with ``on_nonfinite="raise"``), or ``reset=False`` and the
+            current statistics are already non-finite.
+        ValueError: ``num_batches`` is not positive or ``on_nonfinite`` is unknown.
     """
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be a positive int or None; got {num_batches}")
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'skip'; got {on_nonfinite!r}")
     layers = running_stat_modules(model)
     if not layers:
         log.warning("recalibrate: %s has no layers with running statistics; nothing to do",
                     type(model).__name__)
         return model
+    if report is None:
+        report = getattr(model, "normswap_report", None)
+        if not isinstance(report, PassReport):
+            report = PassReport(title="normswap recalibrate")
+            model.normswap_report = report  # type: ignore[assignment]
+    if not reset and (broken := _nonfinite_layers(layers)):
+        raise NormswapError(
+            f"recalibrate(reset=False): the running statistics of {_names(broken)} are already "
+            "non-finite, so continuing their average cannot repair them; pass reset=True")
     flags = {m: m.training for m in model.modules()}
     momenta = [m.momentum for _, m in layers]
     saved = _snapshot(layers)
@@ -186,7 +220,7 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], *, num_batches: int | 
     if hasattr(batches, "__len__"):
         size = len(batches)  # type: ignore[arg-type]
         total = size if total is None else min(total, size)
-    seen = 0
+    seen, skipped = 0, 0
     try:
         model.eval()
         for _, m in layers:
@@ -194,18 +228,41 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], *, num_batches: int | 
             m.momentum = momentum
             if reset:
                 m.reset_running_stats()
+        stream = iterate(batches, "recalibrate", total) if progress else batches
         with torch.no_grad():
-            for batch in _progress(batches, total, progress):
+            for index, batch in enumerate(stream):
                 if num_batches is not None and seen >= num_batches:
                     break
                 if _is_empty(batch):
-                    log.warning("recalibrate: skipped an empty batch (no samples)")
+                    log.warning("recalibrate: skipped batch %d: empty (no samples)", index)
+                    report.skip(f"batch {index}", "recalibrate", "empty batch (no samples)")
                     continue
-                forward_batch(model, batch)
+                problem = _check_input(batch)
+                if problem is None:
+                    before = _snapshot(layers)
+                    forward_batch(model, batch)
+                    broken = _nonfinite_layers(layers)
+                    if broken:
+                        _restore_buffers(layers, before)
+                        problem = (f"after it the running statistics of {_names(broken)} were "
+                                   "non-finite (an overflow or a NaN made inside the model)")
+                if problem is not None:
+                    if on_nonfinite == "raise":
+                        raise NormswapError(
+                            f"recalibrate: batch {index} (counting from 0): {problem}; the "
+                            "statistics were left as they were before the run. Clean that "
+                            "batch, or pass on_nonfinite='skip' to skip such batches")
+                    skipped += 1
+                    log.warning("recalibrate: skipped batch %d: %s", index, problem)
+                    report.skip(f"batch {index}", "recalibrate", problem)
+                    continue
                 seen += 1
         if seen == 0:
-            raise NormswapError("recalibrate got no batches; pass a non-empty iterable of "
-                                "input batches (the statistics were left unchanged)")
+            raise NormswapError(
+                "recalibrate got no batches to use"
+                + (f" ({skipped} skipped as non-finite)" if skipped else "")
+                + "; pass a non-empty iterable of finite input batches (the statistics were "
+                "left unchanged)")
     except BaseException:
         _restore_buffers(layers, saved)
         raise
@@ -214,5 +271,18 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], *, num_batches: int | 
             m.momentum = mom
         for m, flag in flags.items():
             m.training = flag
-    log.info("recalibrate: %d layers re-estimated on %d batches", len(layers), seen)
+    report.note(f"recalibrated the running statistics of {len(layers)} layers on {seen} "
+                f"batches" + (f" ({skipped} non-finite batches skipped)" if skipped else ""))
+    report.metrics["recalibrate.batches"] = seen
+    report.metrics["recalibrate.skipped"] = skipped
+    log.info("recalibrate: %d layers re-estimated on %d batches (%d skipped)", len(layers), seen,
+             skipped)
     return model
+
+
+def _check_input(batch: Any) -> str | None:
+    """Why the input of ``batch`` cannot be used (non-finite values), or None."""
+    count = _count_nonfinite(_fed_tensors(batch))
+    if count:
+        return f"its input holds {count} non-finite value(s) (NaN or inf)"
+    return None

@@ -7,6 +7,7 @@ __all__ = [
     "TracingError",
     "UnsupportedNodeError",
     "NumericalMismatchError",
+    "VerificationError",
     "ExportError",
     "CheckpointError",
     "UnknownMethodError",
@@ -31,6 +32,10 @@ class UnsupportedNodeError(NormswapError):
 
 class NumericalMismatchError(NormswapError):
     """A rewrite that claims equivalence produced different outputs."""
+
+
+class VerificationError(NormswapError):
+    """An equivalence check could not be carried out (an output of a type it cannot compare)."""
 
 
 class ExportError(NormswapError):

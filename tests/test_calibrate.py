@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from normswap.calibrate import recalibrate, running_stat_modules
 from normswap.errors import NormswapError
+from normswap.progress import set_progress
+from normswap.report import PassReport
 
 MEAN = torch.tensor([1.0, -2.0, 0.5])
 STD = torch.tensor([0.5, 2.0, 1.0])
@@ -151,14 +153,18 @@ def test_no_batches_raises_and_keeps_the_statistics() -> None:
         recalibrate(model, [3.0], progress=False)
 
 
-def test_progress_with_and_without_tqdm(monkeypatch: pytest.MonkeyPatch,
-                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_progress_goes_through_normswap_progress(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     model = _model()
-    recalibrate(model, _batches(2), progress=True)  # tqdm if installed
-    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import now fails
-    with caplog.at_level(logging.INFO, logger="normswap.calibrate"):
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails: status lines
+    set_progress(True)
+    try:
         recalibrate(model, _batches(12), progress=True)
-    assert any("recalibrate: 10/12 batches" in r.message for r in caplog.records)
+        assert "normswap: recalibrate: 10/12" in capsys.readouterr().err
+        recalibrate(model, _batches(12), progress=False)
+        assert "recalibrate" not in capsys.readouterr().err
+    finally:
+        set_progress(None)
     torch.testing.assert_close(model[1].running_mean, MEAN, rtol=0, atol=0.1)
 
 
@@ -175,3 +181,91 @@ def test_empty_batches_are_skipped() -> None:
     data = torch.randn(64, 3) * 2 + 1
     recalibrate(bn, [torch.empty(0, 3), data, (torch.empty(0, 3), None)], progress=False)
     torch.testing.assert_close(bn.running_mean, data.mean(0))
+
+
+def _with_nan(batches: list[Tensor], index: int) -> list[Tensor]:
+    out = [b.clone() for b in batches]
+    out[index][3, 1, 2, 2] = float("nan")
+    return out
+
+
+def test_nonfinite_input_batch_is_refused_by_index_and_nothing_changes() -> None:
+    model = _model()
+    with torch.no_grad():
+        model[1].running_mean.fill_(7.0)
+    batches = _with_nan(_batches(6), 3)
+    with pytest.raises(NormswapError, match=r"batch 3 \(counting from 0\).*1 non-finite"):
+        recalibrate(model, batches, progress=False)
+    assert torch.equal(model[1].running_mean, torch.full((3,), 7.0))
+    assert torch.isfinite(model[3].running_var).all()
+    assert model[1].momentum == 0.1 and model.training
+    # an inf in the first element of an (input, target) pair and in a dict value too
+    pairs = [(b, torch.zeros(len(b))) for b in _batches(3)]
+    pairs[1][0][0, 0, 0, 0] = float("inf")
+    with pytest.raises(NormswapError, match="batch 1"):
+        recalibrate(_model(), pairs, progress=False)
+    # a NaN in the target (not fed to the model) is no reason to refuse
+    ok = [(b, torch.full((len(b),), float("nan"))) for b in _batches(3)]
+    recalibrate(_model(), ok, progress=False)
+
+
+def test_nonfinite_input_batch_is_skipped_with_a_report_entry() -> None:
+    clean = _batches(6)
+    batches = _with_nan(clean, 2)
+    model = _model()
+    recalibrate(model, batches, progress=False, on_nonfinite="skip")
+    kept = [b for i, b in enumerate(clean) if i != 2]
+    torch.testing.assert_close(model[1].running_mean, torch.cat(kept).mean((0, 2, 3)))
+    assert int(model[1].num_batches_tracked) == 5
+    report = model.normswap_report
+    assert isinstance(report, PassReport)
+    assert [s.node for s in report.skips] == ["batch 2"]
+    assert "non-finite" in report.skips[0].reason
+    assert report.metrics["recalibrate.skipped"] == 1
+    assert report.metrics["recalibrate.batches"] == 5
+    # the report a swap attached is extended, not replaced; an explicit report wins
+    mine = PassReport(title="mine")
+    recalibrate(model, batches, progress=False, on_nonfinite="skip", report=mine)
+    assert len(mine.skips) == 1 and len(report.skips) == 1
+    recalibrate(model, batches, progress=False, on_nonfinite="skip")
+    assert model.normswap_report is report and len(report.skips) == 2
+
+
+def test_batch_that_makes_statistics_nonfinite_is_undone() -> None:
+    # finite input, but its square overflows float32: the running variance becomes inf
+    clean = _batches(5)
+    batches = [b.clone() for b in clean]
+    batches[1][0, 0] = 1e30
+    model = _model()
+    with pytest.raises(NormswapError, match=r"batch 1 .*running statistics of '1'"):
+        recalibrate(model, batches, progress=False)
+    assert torch.isfinite(model[1].running_var).all()
+    model = _model()
+    recalibrate(model, batches, progress=False, on_nonfinite="skip")
+    kept = [b for i, b in enumerate(clean) if i != 1]
+    # the skipped batch left no trace: neither in the average nor in the batch count
+    torch.testing.assert_close(model[1].running_mean, torch.cat(kept).mean((0, 2, 3)))
+    per_batch_var = torch.stack([b.var((0, 2, 3)) for b in kept]).mean(0)
+    torch.testing.assert_close(model[1].running_var, per_batch_var, rtol=1e-5, atol=1e-5)
+    assert int(model[1].num_batches_tracked) == 4
+    assert "running statistics of '1'" in model.normswap_report.skips[0].reason
+
+
+def test_all_batches_nonfinite_or_bad_option() -> None:
+    model = _model()
+    bad = [torch.full((4, 3, 2, 2), float("nan")) for _ in range(2)]
+    with pytest.raises(NormswapError, match=r"no batches to use \(2 skipped as non-finite\)"):
+        recalibrate(model, bad, progress=False, on_nonfinite="skip")
+    assert torch.equal(model[1].running_mean, torch.zeros(3))
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        recalibrate(model, _batches(1), on_nonfinite="ignore")
+
+
+def test_reset_false_refuses_statistics_that_are_already_nonfinite() -> None:
+    model = _model()
+    with torch.no_grad():
+        model[3].running_var[1] = float("nan")
+    with pytest.raises(NormswapError, match=r"'3' are already non-finite.*reset=True"):
+        recalibrate(model, _batches(2), progress=False, reset=False)
+    recalibrate(model, _batches(2), progress=False)  # reset=True repairs them
+    assert torch.isfinite(model[3].running_var).all()
