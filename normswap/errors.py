@@ -7,8 +7,10 @@ __all__ = [
     "TracingError",
     "UnsupportedNodeError",
     "NumericalMismatchError",
+    "VerificationError",
     "ExportError",
     "CheckpointError",
+    "ArchitectureError",
     "UnknownMethodError",
 ]
 
@@ -29,6 +31,10 @@ class NumericalMismatchError(NormswapError):
     """A rewrite that claims equivalence produced different outputs."""
 
 
+class VerificationError(NumericalMismatchError):
+    """The equivalence check could not run or compared nothing."""
+
+
 class ExportError(NormswapError):
     """ONNX export or runtime validation failed."""
 
@@ -39,3 +45,7 @@ class CheckpointError(NormswapError):
 
 class UnknownMethodError(NormswapError, ValueError):
     """An unknown method name was asked of the registry."""
+
+
+class ArchitectureError(CheckpointError):
+    """An architecture spec (``--arch`` / ``arch=``) could not be resolved or built."""
