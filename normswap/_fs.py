@@ -5,6 +5,9 @@ One helper for every output (checkpoints, ONNX models, reports, plots):
 * :func:`check_output_path` refuses, before any work is done, a path that is a directory, lies
   under a regular file, already exists (unless ``force``), or equals another output of the same
   run.
+* :func:`check_output_dir` / :func:`atomic_write_dir` do the same for a folder written as a
+  whole (a Hugging Face ``save_pretrained`` folder): it is built in a temp sibling folder and
+  renamed into place; ``force`` replaces only a folder that carries the writer's marker file.
 * :func:`atomic_write` writes through a temp file in the target's directory and moves it into
   place with ``os.replace``: a reader sees the old file or the new one, never half of one. The new
   file gets ordinary permissions (``0666`` minus the umask, as ``open()`` gives), not the ``0600``
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
@@ -23,7 +27,8 @@ from typing import Callable, Iterable
 from .errors import CheckpointError, ExportError
 
 __all__ = ["OutputPathError", "check_output_path", "check_output_paths", "atomic_write",
-           "atomic_write_bytes", "atomic_write_text", "TEMP_MARK"]
+           "atomic_write_bytes", "atomic_write_text", "check_output_dir", "atomic_write_dir",
+           "TEMP_MARK"]
 
 TEMP_MARK = ".normswap-"
 
@@ -59,15 +64,7 @@ def check_output_path(path: str | os.PathLike[str], *, force: bool = False,
     target = Path(path)
     if target.is_dir():
         raise OutputPathError(f"{what} '{target}' is a directory; name a file inside it")
-    for parent in target.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputPathError(f"{what} '{target}': '{parent}' is a file, not a "
-                                      "directory")
-            if not os.access(parent, os.W_OK):
-                raise OutputPathError(f"{what} '{target}': directory '{parent}' is not "
-                                      "writable")
-            break
+    _check_parent(target, what)
     if (target.exists() or target.is_symlink()) and not force:
         raise OutputPathError(f"{what} '{target}' already exists; pass force=True (CLI: "
                               "--force) to overwrite it")
@@ -108,7 +105,10 @@ def _remove_stale_temps(target: Path) -> None:
     with contextlib.suppress(OSError):
         for stale in target.parent.glob(f".{target.name}{TEMP_MARK}*.tmp"):
             with contextlib.suppress(OSError):
-                stale.unlink()
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink()
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None], *,
@@ -162,3 +162,117 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, force: bool = 
                       what: str = "output") -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
     return atomic_write_bytes(path, text.encode("utf-8"), force=force, what=what)
+
+
+def _check_parent(target: Path, what: str) -> None:
+    """The nearest existing ancestor of ``target`` must be a writable directory."""
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputPathError(f"{what} '{target}': '{parent}' is a file, not a "
+                                      "directory")
+            if not os.access(parent, os.W_OK):
+                raise OutputPathError(f"{what} '{target}': directory '{parent}' is not "
+                                      "writable")
+            return
+
+
+def check_output_dir(path: str | os.PathLike[str], *, force: bool = False,
+                     what: str = "output", marker: str | None = None) -> Path:
+    """Check that the folder ``path`` can be written as a whole, before any work is done.
+
+    Args:
+        path: the destination folder.
+        force: allow replacing an existing folder (only one holding ``marker``, or an empty one).
+        what: the argument's name for messages.
+        marker: a file name that marks folders this writer made (e.g. ``normswap.json``).
+
+    Returns:
+        The path as a :class:`~pathlib.Path`.
+
+    Raises:
+        OutputPathError: the path is a file, lies under a file, exists without ``force``, or
+            is a non-empty folder without ``marker``.
+    """
+    if str(path) == "":
+        raise OutputPathError(f"{what}: empty path")
+    target = Path(path)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise OutputPathError(f"{what} '{target}' exists and is not a folder; name a new "
+                              "folder")
+    if target.exists():
+        if not force:
+            raise OutputPathError(f"{what} '{target}' already exists; pass force=True (CLI: "
+                                  "--force) to replace it")
+        if marker is not None and any(target.iterdir()) and not (target / marker).is_file():
+            raise OutputPathError(f"{what} '{target}' is a folder normswap did not write (no "
+                                  f"{marker}); it is not replaced even with --force: remove "
+                                  "it yourself or name another folder")
+    _check_parent(target, what)
+    return target
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    """Give a freshly written tree the modes ``open()``/``mkdir`` give (``0666``/``0777`` minus
+    the umask): temp folders and some writers (safetensors) use ``0600``/``0700``."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            path = os.path.join(root, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
+def atomic_write_dir(path: str | os.PathLike[str], write: Callable[[str], None], *,
+                     force: bool = False, what: str = "output",
+                     marker: str | None = None) -> Path:
+    """Call ``write(tmp_folder)`` and move the folder onto ``path`` by renaming it.
+
+    The temp folder is a sibling of ``path`` (same file system); its tree gets ordinary
+    permissions (``0777``/``0666`` minus the umask) and it is removed if ``write`` fails. With ``force``, an existing
+    folder is first renamed aside and deleted once the new one is in place.
+
+    Args:
+        path: the destination folder.
+        write: fills the temp folder it is given.
+        force: replace an existing folder (see :func:`check_output_dir`).
+        what: the argument's name for messages.
+        marker: see :func:`check_output_dir`.
+
+    Returns:
+        The destination path.
+
+    Raises:
+        OutputPathError: the destination is unusable.
+        Whatever ``write`` raises; no partial folder is left behind.
+    """
+    target = check_output_dir(path, force=force, what=what, marker=marker)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target)
+    tmp = tempfile.mkdtemp(prefix=f".{target.name}{TEMP_MARK}", suffix=".tmp",
+                           dir=target.parent)
+    old: str | None = None
+    try:
+        write(tmp)
+        _ordinary_permissions(Path(tmp))
+        if target.exists():
+            old = tempfile.mkdtemp(prefix=f".{target.name}{TEMP_MARK}old-", suffix=".tmp",
+                                   dir=target.parent)
+            os.rmdir(old)
+            os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.rename(old, target)
+                old = None
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target

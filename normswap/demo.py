@@ -111,8 +111,12 @@ class DemoRow:
 
 
 def run_demo(methods: tuple[str, ...] = ("l1", "linf", "kalman", "normprop", "selu"),
-             export: bool = True, out_dir: str | None = None) -> list[DemoRow]:
-    """Convert the shipped model with each method and score it; returns the table rows."""
+             export: bool = True, out_dir: str | None = None,
+             force: bool = False) -> list[DemoRow]:
+    """Convert the shipped model with each method and score it; returns the table rows.
+
+    ``force`` replaces an existing ``demo_l1_fp16.onnx`` in ``out_dir``.
+    """
     from .api import swap
 
     torch.manual_seed(0)
@@ -143,14 +147,14 @@ def run_demo(methods: tuple[str, ...] = ("l1", "linf", "kalman", "normprop", "se
                             f"{rel:.1e}" if rel is not None else "n/a", base, acc, tuned,
                             verdict))
     if export:
-        rows_export = _demo_export(model, example, out_dir)
+        rows_export = _demo_export(model, example, out_dir, force)
         if rows_export:
             rows.append(rows_export)
     return rows
 
 
 def _demo_export(model: nn.Module, example: tuple[torch.Tensor, ...],
-                 out_dir: str | None) -> DemoRow | None:
+                 out_dir: str | None, force: bool = False) -> DemoRow | None:
     """L1 swap -> fold -> fp16 ONNX -> ONNX Runtime validation, as one extra row."""
     try:
         from .api import fold, swap
@@ -160,7 +164,7 @@ def _demo_export(model: nn.Module, example: tuple[torch.Tensor, ...],
     _, data = load_demo()
     folded = fold(swap(model, "l1", example_inputs=example), example_inputs=example)
     target = Path(out_dir or tempfile.mkdtemp(prefix="normswap-demo-")) / "demo_l1_fp16.onnx"
-    rep = export_onnx(folded, example, target, fp16=True, force=True)
+    rep = export_onnx(folded, example, target, fp16=True, force=force)
     verdict = {True: "pass", False: "FAIL", None: "not validated"}[rep.passed]
     acc = float("nan")
     try:

@@ -6,15 +6,15 @@ __all__ = [
     "NormswapError",
     "TracingError",
     "UnsupportedNodeError",
+    "UnsupportedModelError",
     "NumericalMismatchError",
     "VerificationError",
     "ExportError",
     "CheckpointError",
+    "ArchitectureError",
     "UnknownMethodError",
     "MethodOptionError",
     "PassError",
-    "VerificationError",
-    "UnsupportedModelError",
 ]
 
 
@@ -23,19 +23,24 @@ class NormswapError(Exception):
 
 
 class TracingError(NormswapError):
-    """The model could not be traced with torch.fx and no fallback applies."""
+    """The model could not be captured and no fallback applies."""
 
 
 class UnsupportedNodeError(NormswapError):
     """One or more nodes/modules cannot be rewritten by the requested method (strict mode)."""
 
 
+class UnsupportedModelError(NormswapError, TypeError):
+    """The model itself cannot be rewritten (a TorchScript module, a meta-device model ...)."""
+
+
 class NumericalMismatchError(NormswapError):
     """A rewrite that claims equivalence produced different outputs."""
 
 
-class VerificationError(NormswapError):
-    """An equivalence check could not be carried out (an output of a type it cannot compare)."""
+class VerificationError(NumericalMismatchError):
+    """The equivalence check could not run, compared nothing, or met an output it cannot
+    compare."""
 
 
 class ExportError(NormswapError):
@@ -44,6 +49,10 @@ class ExportError(NormswapError):
 
 class CheckpointError(NormswapError):
     """A checkpoint could not be read, matched to its architecture, or written."""
+
+
+class ArchitectureError(CheckpointError):
+    """An architecture spec (``--arch`` / ``arch=``) could not be resolved or built."""
 
 
 class UnknownMethodError(NormswapError, ValueError):
@@ -56,11 +65,3 @@ class MethodOptionError(NormswapError, ValueError):
 
 class PassError(NormswapError):
     """A graph pass failed unexpectedly (the message names the pass and those before it)."""
-
-
-class VerificationError(NumericalMismatchError):
-    """The equivalence check could not run or compared nothing."""
-
-
-class UnsupportedModelError(NormswapError, TypeError):
-    """The model itself cannot be rewritten (a TorchScript module, a meta-device model ...)."""
