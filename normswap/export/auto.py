@@ -10,8 +10,8 @@ the fp16 model validates), driven by measured error instead of blind bisection:
    largest relative error of its inputs (``inf`` when its output turns inf/NaN while its inputs
    were finite: the node where fp16 overflows). Ties go to the larger measured ``max|x|``.
 4. Keep the top node in fp32 (an overflowing node keeps its consumers in fp32 too, or the
-   cast of its output back to fp16 would overflow), convert again, validate again; repeat until the verdict
-   passes, nothing scores above zero, or ``max_iterations`` / ``time_budget_s`` is reached.
+   cast of its output back to fp16 would overflow), convert again, validate again; repeat
+   until the verdict passes, nothing scores above zero, or ``max_iterations`` / ``time_budget_s`` is reached.
 
 Each iteration is recorded (node added, why, verdict), with the total cost.
 """
@@ -168,7 +168,8 @@ def search_fp32_nodes(fp32_model: ModelProto, convert: Callable[[Sequence[str]],
             search.stopped_by = "time_budget"
             break
         with stage("fp16 auto", f"iteration {search.iterations + 1}"):
-            emulator = Fp16Emulator(model if emulator_source is None else emulator_source(model))
+            emulator = Fp16Emulator(model if emulator_source is None
+                                    else emulator_source(model))
             fp16_values = [emulator.run(f, intermediate=True) for f in feeds]
             scores = node_error_scores(fp32_model, model, fp32_values, fp16_values,
                                        set(plan.fp32_nodes))

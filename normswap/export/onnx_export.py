@@ -33,7 +33,7 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import onnx
 import torch

@@ -369,7 +369,8 @@ def compare_outputs(provider: str, names: Sequence[str], got: Sequence[Sequence[
                 m.max_abs = max(m.max_abs, float(diff.max()))
                 scale = float(np.abs(b[both]).max())
                 m.rel = max(m.rel, m.max_abs / scale if scale > 0 else m.max_abs)
-                m.cosine_min = min(m.cosine_min, _cosine(np.where(both, a, 0), np.where(both, b, 0)))
+                m.cosine_min = min(m.cosine_min,
+                                   _cosine(np.where(both, a, 0), np.where(both, b, 0)))
             if a.ndim == 2 and a.shape[1] > 1 and got_finite.all() and ref_finite.all():
                 agree += int((a.argmax(axis=1) == b.argmax(axis=1)).sum())
                 total += a.shape[0]
