@@ -67,7 +67,7 @@ def _fsync(path: Path) -> None:
 
 
 def move_into_place(staged_model: Path, staged_data: Path, target: Path, *,
-                    force: bool = False) -> Path:
+                    force: bool = False) -> Path | None:
     """Move a staged model and its data file onto ``target`` and ``target.data``.
 
     Args:
@@ -77,18 +77,21 @@ def move_into_place(staged_model: Path, staged_data: Path, target: Path, *,
         force: replace existing files.
 
     Returns:
-        The final data file path.
+        The final data file path (None when no tensor was large enough to go there).
 
     Raises:
         OutputPathError: the model or data path exists without ``force``.
     """
     data_target = target.parent / data_file_name(target)
-    check_output_paths([("path", target), ("external data", data_target)], force=force)
+    has_data = staged_data.exists()
+    check_output_paths([("path", target)] + ([("external data", data_target)] if has_data
+                                              else []), force=force)
     mask = os.umask(0)
     os.umask(mask)
-    for staged in (staged_data, staged_model):
+    for staged in (staged_data, staged_model) if has_data else (staged_model,):
         _fsync(staged)
         os.chmod(staged, 0o666 & ~mask)
-    os.replace(staged_data, data_target)
+    if has_data:
+        os.replace(staged_data, data_target)
     os.replace(staged_model, target)
-    return data_target
+    return data_target if has_data else None

@@ -534,7 +534,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
                 else:
                     data = move_into_place(Path(source), Path(source).parent / staging.data_name,
                                            target, force=force)
-                    report.external_data_path = str(data)
+                    report.external_data_path = "" if data is None else str(data)
             except OutputPathError:
                 raise
             except OSError as exc:
