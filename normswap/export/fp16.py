@@ -132,7 +132,7 @@ def name_nodes(model: ModelProto) -> ModelProto:
 
 def _float_value_infos(model: ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """Every float32 tensor with a known type (inputs, intermediates, outputs)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = _inferred_skeleton(model)
     infos: dict[str, onnx.ValueInfoProto] = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(
             inferred.graph.input):
@@ -155,12 +155,14 @@ class ProbeSession:
         import onnxruntime as ort
 
         path = model if isinstance(model, str) else None
-        probe = ModelProto()
-        probe.CopyFrom(onnx.load(path, load_external_data=False) if path is not None
-                       else model)  # type: ignore[arg-type]
+        # the probe outputs are appended to the proto, serialised, and removed again: no copy
+        # of the weights beyond the serialised bytes ONNX Runtime needs
+        probe: ModelProto = (onnx.load(path, load_external_data=False) if path is not None
+                             else model)  # type: ignore[assignment]
         self.infos = _float_value_infos(probe)
         self.existing = {o.name for o in probe.graph.output}
         produced = {o for n in probe.graph.node for o in n.output}
+        n_out = len(probe.graph.output)
         for name, vi in self.infos.items():
             if name not in self.existing and name in produced:
                 probe.graph.output.append(vi)
@@ -168,17 +170,20 @@ class ProbeSession:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         probe_path = None
         source: bytes | str
-        if path is not None:
-            probe_path = os.path.join(os.path.dirname(path) or ".",
-                                      ".probe-" + os.path.basename(path))
-            onnx.save_model(probe, probe_path)
-            source = probe_path
-        else:
-            source = probe.SerializeToString()
-        del probe
+        try:
+            if path is not None:
+                probe_path = os.path.join(os.path.dirname(path) or ".",
+                                          ".probe-" + os.path.basename(path))
+                onnx.save_model(probe, probe_path)
+                source = probe_path
+            else:
+                source = probe.SerializeToString()
+        finally:
+            del probe.graph.output[n_out:]
         try:
             self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         finally:
+            del source
             if probe_path is not None:
                 os.unlink(probe_path)
         self.names = [o.name for o in self.session.get_outputs()]
@@ -503,8 +508,8 @@ def convert_fp16(model: ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], *
     return converted, plan
 
 
-def _infer_types_in_place(model: ModelProto) -> None:
-    """Add inferred ``value_info`` to ``model`` without copying or serialising its weights."""
+def _inferred_skeleton(model: ModelProto) -> ModelProto:
+    """``model`` with inferred ``value_info``, without its weights (shapes and types only)."""
     skeleton = ModelProto()
     skeleton.ir_version = model.ir_version
     skeleton.opset_import.extend(model.opset_import)
@@ -525,7 +530,13 @@ def _infer_types_in_place(model: ModelProto) -> None:
         t.data_location = TensorProto.EXTERNAL
         entry = t.external_data.add()
         entry.key, entry.value = "location", "weights-not-loaded"
-    inferred = onnx.shape_inference.infer_shapes(skeleton)
+    return onnx.shape_inference.infer_shapes(skeleton)
+
+
+def _infer_types_in_place(model: ModelProto) -> None:
+    """Add inferred ``value_info`` to ``model`` without copying or serialising its weights."""
+    inferred = _inferred_skeleton(model)
+    src = model.graph
     known = {v.name for v in src.value_info}
     for vi in inferred.graph.value_info:
         if vi.name not in known:

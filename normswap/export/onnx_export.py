@@ -444,9 +444,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
         with step("reference outputs"):
             refs = [torch_outputs(work, x) for x in runs]
 
-    def run_validation(source: bytes | str) -> ValidationResult:
+    def run_validation(source: bytes | str, parsed: ModelProto | None = None
+                       ) -> ValidationResult:
         with step("validate"):
             return validate_onnx(source, None, runs, tolerances=tol, references=refs,
+                                 model_proto=None if isinstance(source, str) else parsed,
                                  emulate_max_inputs=emulate_max_inputs,
                                  emulate_time_budget_s=emulate_time_budget_s,
                                  calibration_ranges=input_ranges(calib_feeds),
@@ -484,14 +486,14 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
         if fp16 == "auto" and not validate:
             report.warn("fp16='auto' needs validate=True: the search did not run")
         if validate:
-            report.validation = run_validation(source)
+            report.validation = run_validation(source, final)
             if fp16 == "auto" and not report.validation.passed and plan is not None:
                 from .auto import search_fp32_nodes
 
                 emu_feeds = feeds_for(input_names, runs[:emulate_max_inputs or len(runs)])
                 with step("fp16 auto search"):
                     final, plan, report.validation, search = search_fp32_nodes(
-                        proto, convert, lambda m: run_validation(staging.stage(m)),
+                        proto, convert, lambda m: run_validation(staging.stage(m), m),
                         emu_feeds, first=(final, plan, report.validation), ranges=ranges,
                         max_iterations=auto_max_iterations, time_budget_s=auto_time_budget_s,
                         fp32_source=staging.fp32_source(proto),

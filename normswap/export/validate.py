@@ -450,7 +450,8 @@ def validate_onnx(onnx_model: bytes | str, model: nn.Module | None,
                   emulate: bool | None = None, emulate_max_inputs: int | None = 4,
                   emulate_time_budget_s: float | None = 60.0,
                   calibration_ranges: Mapping[str, tuple[float, float]] | None = None,
-                  output_labels: Sequence[str] | None = None) -> ValidationResult:
+                  output_labels: Sequence[str] | None = None,
+                  model_proto: onnx.ModelProto | None = None) -> ValidationResult:
     """Run the ONNX model in ONNX Runtime (and, for fp16, the fp16 emulation) and compare.
 
     Args:
@@ -467,6 +468,7 @@ def validate_onnx(onnx_model: bytes | str, model: nn.Module | None,
         calibration_ranges: graph input -> (min, max) of the calibration inputs (default: the
             range of ``inputs``).
         output_labels: per ONNX output, its place in the model's return value.
+        model_proto: ``onnx_model`` already parsed (saves parsing the bytes again).
 
     Returns:
         The result; ``result.passed`` is the verdict, ``result.verdict()`` says what it means.
@@ -475,7 +477,7 @@ def validate_onnx(onnx_model: bytes | str, model: nn.Module | None,
 
     from ..progress import stage
 
-    proto = _load(onnx_model)
+    proto = model_proto if model_proto is not None else _load(onnx_model)
     fp16 = is_fp16_model(proto)
     available = ort.get_available_providers()
     if providers is None:

@@ -195,3 +195,19 @@ def test_unfoldable_norm_exports_as_mul_add_in_fp16(tmp_path: Path) -> None:
     assert report.passed
     ops = {n.op_type for n in onnx.load(str(tmp_path / "affine.onnx")).graph.node}
     assert {"Mul", "Add"} <= ops and "BatchNormalization" not in ops
+
+
+class _NoOnnxOp(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.linalg.eigvals(x).real
+
+
+def test_failed_export_names_the_class_and_each_exporters_first_error(tmp_path: Path) -> None:
+    with pytest.raises(ExportError) as info:
+        export_onnx(_NoOnnxOp(), torch.randn(2, 3, 3), tmp_path / "e.onnx")
+    message = str(info.value)
+    assert message.startswith("could not export _NoOnnxOp to ONNX")
+    assert "dynamo exporter: DispatchError" in message and "linalg_eig" in message
+    assert "torchscript exporter: UnsupportedOperatorError" in message
+    assert "\n" not in message  # first lines only
+    assert list(tmp_path.iterdir()) == []
