@@ -11,7 +11,8 @@ the fp16 model validates), driven by measured error instead of blind bisection:
    were finite: the node where fp16 overflows). Ties go to the larger measured ``max|x|``.
 4. Keep the top node in fp32 (an overflowing node keeps its consumers in fp32 too, or the
    cast of its output back to fp16 would overflow), convert again, validate again; repeat
-   until the verdict passes, nothing scores above zero, or ``max_iterations`` / ``time_budget_s`` is reached.
+   until the verdict passes, nothing scores above zero, or ``max_iterations`` /
+   ``time_budget_s`` is reached.
 
 Each iteration is recorded (node added, why, verdict), with the total cost.
 """

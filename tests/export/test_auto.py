@@ -1,4 +1,4 @@
-"""fp16="auto": a short list of extra fp32 nodes found by measured error, until the verdict passes."""
+"""fp16="auto": a short list of extra fp32 nodes, found by measured error, until it passes."""
 
 from __future__ import annotations
 
