@@ -26,6 +26,7 @@ The conversion itself is ONNX Runtime's ``onnxruntime.transformers.float16
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
@@ -41,6 +42,7 @@ __all__ = [
     "TensorRange",
     "Fp16Plan",
     "name_nodes",
+    "ProbeSession",
     "measure_ranges",
     "plan_fp32_nodes",
     "remove_round_trip_casts",
@@ -130,7 +132,7 @@ def name_nodes(model: ModelProto) -> ModelProto:
 
 def _float_value_infos(model: ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """Every float32 tensor with a known type (inputs, intermediates, outputs)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = _inferred_skeleton(model)
     infos: dict[str, onnx.ValueInfoProto] = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(
             inferred.graph.input):
@@ -140,40 +142,80 @@ def _float_value_infos(model: ModelProto) -> dict[str, onnx.ValueInfoProto]:
     return {k: v for k, v in infos.items() if k not in inits}
 
 
-def measure_ranges(model: ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]
+class ProbeSession:
+    """An ONNX Runtime CPU session of an fp32 model with every float intermediate as an output.
+
+    Args:
+        model: an fp32 model, or the path of one saved with external data (big models: the
+            probe model is written beside it and shares its data file, the weights are not
+            copied).
+    """
+
+    def __init__(self, model: ModelProto | str) -> None:
+        import onnxruntime as ort
+
+        path = model if isinstance(model, str) else None
+        # the probe outputs are appended to the proto, serialised, and removed again: no copy
+        # of the weights beyond the serialised bytes ONNX Runtime needs
+        probe: ModelProto = (onnx.load(path, load_external_data=False) if path is not None
+                             else model)  # type: ignore[assignment]
+        self.infos = _float_value_infos(probe)
+        self.existing = {o.name for o in probe.graph.output}
+        produced = {o for n in probe.graph.node for o in n.output}
+        n_out = len(probe.graph.output)
+        for name, vi in self.infos.items():
+            if name not in self.existing and name in produced:
+                probe.graph.output.append(vi)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        probe_path = None
+        source: bytes | str
+        try:
+            if path is not None:
+                probe_path = os.path.join(os.path.dirname(path) or ".",
+                                          ".probe-" + os.path.basename(path))
+                onnx.save_model(probe, probe_path)
+                source = probe_path
+            else:
+                source = probe.SerializeToString()
+        finally:
+            del probe.graph.output[n_out:]
+        try:
+            self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        finally:
+            del source
+            if probe_path is not None:
+                os.unlink(probe_path)
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every float tensor (inputs included) of one run, by name."""
+        values = {n: np.asarray(v) for n, v in feed.items()
+                  if np.issubdtype(np.asarray(v).dtype, np.floating)}
+        for name, value in zip(self.names, self.session.run(self.names, dict(feed))):
+            if name in self.infos or name in self.existing:
+                values[name] = value
+        return values
+
+
+def measure_ranges(model: ModelProto | str, feeds: Sequence[Mapping[str, np.ndarray]]
                    ) -> dict[str, TensorRange]:
     """Run the fp32 model in ONNX Runtime (CPU) and record the range of every float tensor.
 
     Args:
-        model: an fp32 model.
+        model: an fp32 model or the path of one (see :class:`ProbeSession`).
         feeds: input dicts (graph input name -> array) to run.
 
     Returns:
         Tensor name -> observed range (graph inputs, intermediates and outputs).
     """
-    import onnxruntime as ort
+    from ..progress import iterate
 
-    probe = ModelProto()
-    probe.CopyFrom(model)
-    infos = _float_value_infos(probe)
-    existing = {o.name for o in probe.graph.output}
-    produced = {o for n in probe.graph.node for o in n.output}
-    for name, vi in infos.items():
-        if name not in existing and name in produced:
-            probe.graph.output.append(vi)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(probe.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
+    probe = ProbeSession(model)
     ranges: dict[str, TensorRange] = defaultdict(TensorRange)
-    for feed in feeds:
-        for name, value in feed.items():
-            if np.issubdtype(np.asarray(value).dtype, np.floating):
-                ranges[name].update(value)
-        for name, value in zip(names, sess.run(names, dict(feed))):
-            if name in infos or name in existing:
-                ranges[name].update(value)
+    for feed in iterate(list(feeds), "measure ranges"):
+        for name, value in probe.run(feed).items():
+            ranges[name].update(value)
     return dict(ranges)
 
 
@@ -402,11 +444,12 @@ def _clamp_report(model: ModelProto, plan: Fp16Plan) -> None:
 def convert_fp16(model: ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], *,
                  keep_io_types: bool = True, op_block_list: Iterable[str] | None = None,
                  node_block_list: Iterable[str] = (), overflow_limit: float = FP16_MAX / 2,
-                 guard: bool = True) -> tuple[ModelProto, Fp16Plan]:
+                 guard: bool = True, ranges: Mapping[str, TensorRange] | None = None,
+                 copy: bool = True) -> tuple[ModelProto, Fp16Plan]:
     """Convert an fp32 model to fp16, keeping range-critical nodes in fp32.
 
     Args:
-        model: the fp32 model (not modified).
+        model: the fp32 model, with its weights loaded (not modified unless ``copy=False``).
         feeds: calibration input dicts (graph input name -> array).
         keep_io_types: keep graph inputs/outputs fp32 (casts inside the graph).
         op_block_list: op types kept in fp32; default :data:`FP32_OP_TYPES` plus ORT's
@@ -415,22 +458,32 @@ def convert_fp16(model: ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], *
         node_block_list: node names kept in fp32.
         overflow_limit: see :func:`plan_fp32_nodes`.
         guard: measure ranges and plan (False: a plain ORT conversion, for comparison).
+        ranges: ranges already measured (:func:`measure_ranges`); ``feeds`` are then not run.
+        copy: work on a copy (False: convert ``model`` in place and return it, which saves one
+            copy of the weights on big models).
 
     Returns:
         ``(fp16_model, plan)``.
     """
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    src = ModelProto()
-    src.CopyFrom(model)
+    if copy:
+        src = ModelProto()
+        src.CopyFrom(model)
+    else:
+        src = model
     name_nodes(src)
     ops = list(FP32_OP_TYPES if op_block_list is None else op_block_list)
     if guard:
-        ranges = measure_ranges(src, feeds) if feeds else {}
+        if ranges is None:
+            ranges = measure_ranges(src, feeds) if feeds else {}
         plan = plan_fp32_nodes(src, ranges, overflow_limit=overflow_limit, op_block_list=ops,
                                node_block_list=node_block_list)
     else:
         plan = Fp16Plan()
+        for node in src.graph.node:
+            if node.name in set(node_block_list):
+                plan.keep(node, "named in node_block_list")
     for node in src.graph.node:
         if node.op_type in DEFAULT_OP_BLOCK_LIST:
             plan.keep(node, f"op type {node.op_type} has no fp16 form (ORT default block list)")
@@ -443,10 +496,48 @@ def convert_fp16(model: ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], *
             only_fp32 -= set(node.input)
     for name in only_fp32:
         plan.clamped_initializers.pop(name, None)
+    # type inference on the graph alone (no weights: works past protobuf's 2 GB limit), then
+    # the converter runs in place without its own inference (which would copy the model)
+    _infer_types_in_place(src)
     converted = convert_float_to_float16(
         src, keep_io_types=keep_io_types, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
-        node_block_list=sorted(blocked), disable_shape_infer=False)
+        node_block_list=sorted(blocked), disable_shape_infer=True)
     removed = remove_round_trip_casts(converted, blocked)
     topological_sort(converted)
     log.debug("fp16: %d nodes kept fp32, %d round-trip casts removed", len(blocked), removed)
     return converted, plan
+
+
+def _inferred_skeleton(model: ModelProto) -> ModelProto:
+    """``model`` with inferred ``value_info``, without its weights (shapes and types only)."""
+    skeleton = ModelProto()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    g, src = skeleton.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    for init in src.initializer:  # shapes only: type inference needs no weight values
+        if init.data_type == TensorProto.INT64 and int(np.prod(init.dims, dtype=np.int64)) <= 64:
+            g.initializer.append(init)  # small integer constants (Reshape shapes) keep values
+            continue
+        t = g.initializer.add()
+        t.name, t.data_type = init.name, init.data_type
+        t.dims.extend(init.dims)
+        t.data_location = TensorProto.EXTERNAL
+        entry = t.external_data.add()
+        entry.key, entry.value = "location", "weights-not-loaded"
+    return onnx.shape_inference.infer_shapes(skeleton)
+
+
+def _infer_types_in_place(model: ModelProto) -> None:
+    """Add inferred ``value_info`` to ``model`` without copying or serialising its weights."""
+    inferred = _inferred_skeleton(model)
+    src = model.graph
+    known = {v.name for v in src.value_info}
+    for vi in inferred.graph.value_info:
+        if vi.name not in known:
+            src.value_info.append(vi)

@@ -1,0 +1,78 @@
+"""Models past protobuf's 2 GB limit: the external-data path, exercised with a low threshold."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from normswap.errors import ExportError
+from normswap.export import export_onnx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_auto import _model_and_input  # noqa: E402
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                         nn.Linear(256, 10)).eval()
+
+
+def _run(path: Path, x: torch.Tensor) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+def test_external_data_end_to_end(fp16: bool, tmp_path: Path) -> None:
+    model, x = _mlp(), torch.randn(4, 32)
+    path = tmp_path / "model.onnx"
+    report = export_onnx(model, x, path, fp16=fp16, external_data_threshold=10_000)
+    assert report.passed is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert report.external_data_path == str(tmp_path / "model.onnx.data")
+    assert any("external_data_threshold" in n.message for n in report.notes)
+    data = tmp_path / "model.onnx.data"
+    assert path.stat().st_size < 20_000 < data.stat().st_size  # the weights are outside
+    assert report.file_size_bytes == path.stat().st_size + data.stat().st_size
+    onnx.checker.check_model(str(path))
+    proto = onnx.load(str(path), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    ref = model(x).detach().numpy()
+    np.testing.assert_allclose(_run(path, x), ref, rtol=0, atol=2e-2 if fp16 else 1e-5)
+    if fp16:
+        assert report.fp16_initializer_fraction is not None
+        assert report.fp16_initializer_fraction >= 0.9
+        assert any(e.name == "fp16 emulated" and e.num_inputs for e in
+                   report.validation.evaluators)
+
+
+def test_external_data_needs_force_and_leaves_no_temp(tmp_path: Path) -> None:
+    model, x = _mlp(), torch.randn(4, 32)
+    path = tmp_path / "model.onnx"
+    (tmp_path / "model.onnx.data").write_bytes(b"keep")
+    with pytest.raises(ExportError, match=r"model\.onnx\.data.*force"):
+        export_onnx(model, x, path, external_data_threshold=10_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx.data"]
+    assert (tmp_path / "model.onnx.data").read_bytes() == b"keep"
+    export_onnx(model, x, path, external_data_threshold=10_000, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    np.testing.assert_allclose(_run(path, x), model(x).detach().numpy(), atol=2e-2)
+
+
+def test_external_data_with_auto_search(tmp_path: Path) -> None:
+    model, x = _model_and_input()
+    path = tmp_path / "auto.onnx"
+    report = export_onnx(model, x, path, fp16="auto", overflow_limit=1e9,
+                         external_data_threshold=1_000)
+    assert report.passed is True and report.auto is not None and report.auto["nodes"]
+    got = _run(path, x)
+    assert np.isfinite(got).all()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
