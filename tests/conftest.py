@@ -3,10 +3,17 @@ an unrandomised equivalence test proves nothing)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from normswap.passes._match import is_batchnorm
+
+# Triton's interpreter runs the Triton kernels' tests on the CPU; it must be switched on before
+# triton is first imported (triton.language's own helpers are jit-decorated at import time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @torch.no_grad()
