@@ -139,7 +139,7 @@ Fn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 def _run(fn: Fn, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
          gy: torch.Tensor, *extra: object) -> dict[str, torch.Tensor | None]:
     """Forward and backward of ``fn``; outputs and gradients."""
-    xa = x.detach().clone().requires_grad_()
+    xa = _same_strides(x.detach(), x.device).requires_grad_()
     wa = None if w is None else w.detach().clone().requires_grad_()
     ba = None if b is None else b.detach().clone().requires_grad_()
     y, mu, s_raw = fn(xa, wa, ba, EPS, *extra)
@@ -149,17 +149,15 @@ def _run(fn: Fn, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None
     return {k: None if v is None else v.cpu() for k, v in out.items()}
 
 
+def _same_strides(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A copy of ``t`` on ``device`` with the same strides (clone/to make non-dense ones
+    contiguous)."""
+    return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device).copy_(t)
+
+
 def _dev(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` on the test device, strides kept."""
-    if t is None:
-        return None
-    return t.to(DEVICE) if t.is_contiguous() or t.dim() < 3 else (
-        torch.empty_like(t, device=DEVICE).copy_(t) if _dense(t) else t.to(DEVICE))
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """Whether ``t`` is channels-last dense (so empty_like keeps its strides)."""
-    return t.movedim(1, -1).is_contiguous()
+    return None if t is None else _same_strides(t, DEVICE)
 
 
 def _reference(kind: str, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
@@ -222,12 +220,14 @@ def test_matches_float64_reference(kind: str, dtype: torch.dtype,
     _, shape, layout = case
     k = 3
     x, w, b, gy = _inputs(shape, dtype, layout, seed=len(shape), k=k if kind == "linf" else None)
+    if layout == "strided":  # neither layout the kernels read: copied first
+        assert _triton._working(x)[0] is not x
     out = _triton_run(kind, x, w, b, gy, k)
     _assert_matches(out, _reference(kind, x, w, b, gy, k), dtype, x)
-    expect_cl = layout == "channels_last" or x.dim() == 2
-    assert out["y"].is_contiguous() != expect_cl or x.dim() == 2
-    if layout == "channels_last":
+    if layout == "channels_last":  # outputs keep the input's layout
         assert out["y"].stride() == x.stride() and out["dx"].stride() == x.stride()
+    else:
+        assert out["y"].is_contiguous()
 
 
 @pytest.mark.parametrize("kind", ["l1", "linf"])
@@ -276,13 +276,34 @@ def test_many_tiles_and_programs(tiny_tiles: None, kind: str, k: int, layout: st
     shape = (3, 5, 3, 7)  # R = 21: ragged 16-wide tiles; C = 5: two NHWC channel blocks
     x, w, b, gy = _inputs(shape, torch.float32, layout, seed=11, k=k if kind == "linf" else None)
     xk, cl = _triton._working(x)
-    plan = _triton._plan(xk, cl, lanes=kind == "linf")
-    assert plan.split > 1 and plan.T > 1 and plan.TT > plan.T, plan
+    plan = _triton._plan(xk, cl, lanes=kind == "linf", k=k)
+    assert plan.split > 1 and plan.T > 1 and plan.TT > plan.T and not plan.combine, plan
     out = _triton_run(kind, x, w, b, gy, k)
     _assert_matches(out, _reference(kind, x, w, b, gy, k), torch.float32, x)
     again = _triton_run(kind, x, w, b, gy, k)
     for name in ("y", "dx", "mu", "s_raw", "dw", "db"):  # no atomics: bit-identical reruns
         assert torch.equal(out[name], again[name]), name
+
+
+@pytest.mark.parametrize("kind,k", [("l1", 1), ("linf", 3)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_combined_partial_sums(tiny_tiles: None, monkeypatch: pytest.MonkeyPatch, kind: str,
+                               k: int, layout: str) -> None:
+    """Partial sums reduced once by _combine (planned for large splits) give the same result,
+    also for the parameter-only backward."""
+    monkeypatch.setattr(_triton, "_COMBINE_READS", 0)
+    x, w, b, gy = _inputs((3, 5, 3, 7), torch.float32, layout, seed=14,
+                          k=k if kind == "linf" else None)
+    xk, cl = _triton._working(x)
+    assert _triton._plan(xk, cl, lanes=kind == "linf", k=k).combine
+    out = _triton_run(kind, x, w, b, gy, k)
+    ref = _reference(kind, x, w, b, gy, k)
+    _assert_matches(out, ref, torch.float32, x)
+    wa, ba = _dev(w).requires_grad_(), _dev(b).requires_grad_()
+    fn = _triton.l1_batch_norm if kind == "l1" else _triton.linf_batch_norm
+    fn(_dev(x), wa, ba, EPS, *(() if kind == "l1" else (k,)))[0].backward(_dev(gy))
+    assert rel_err(wa.grad.cpu(), ref["dw"]) <= STAT_TOL
+    assert rel_err(ba.grad.cpu(), ref["db"]) <= STAT_TOL
 
 
 def test_linf_extremes_in_one_group_and_at_the_edges(tiny_tiles: None) -> None:
@@ -377,12 +398,40 @@ def test_parameter_gradients_only(kind: str) -> None:
     """x not requiring grad: only grad_weight and grad_bias are computed."""
     x, w, b, gy = _inputs((3, 3, 4), torch.float16, "contiguous", seed=8,
                           k=2 if kind == "linf" else None)
-    wa, ba = w.clone().requires_grad_(), b.clone().requires_grad_()
+    wa, ba = _dev(w).requires_grad_(), _dev(b).requires_grad_()
     fn = _triton.l1_batch_norm if kind == "l1" else _triton.linf_batch_norm
-    y, _, _ = fn(x, wa, ba, EPS, *(() if kind == "l1" else (2,)))
-    y.backward(gy)
+    y, _, _ = fn(_dev(x), wa, ba, EPS, *(() if kind == "l1" else (2,)))
+    y.backward(_dev(gy))
     ref = _reference(kind, x, w, b, gy, 2)
-    assert rel_err(wa.grad, ref["dw"]) <= STAT_TOL and rel_err(ba.grad, ref["db"]) <= STAT_TOL
+    assert rel_err(wa.grad.cpu(), ref["dw"]) <= STAT_TOL
+    assert rel_err(ba.grad.cpu(), ref["db"]) <= STAT_TOL
+
+
+@pytest.mark.parametrize("kind", ["l1", "linf"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fused_running_statistics_update(kind: str, layout: str) -> None:
+    """running_mean/running_scale (fp16 buffers here) updated in the kernels as the layers do:
+    r <- (1 - f) r + f new, new = mu and s_raw * correction + eps, in float32."""
+    x, w, b, gy = _inputs((3, 3, 2, 4), torch.float32, layout, seed=13, k=2)
+    g = torch.Generator().manual_seed(3)
+    rm0 = torch.randn(3, generator=g).half()
+    rs0 = (torch.rand(3, generator=g) + 0.5).half()
+    rm, rs = _dev(rm0.clone()), _dev(rs0.clone())
+    fn = _triton.l1_batch_norm if kind == "l1" else _triton.linf_batch_norm
+    extra = () if kind == "l1" else (2,)
+    y, mu, s_raw = fn(_dev(x), _dev(w), _dev(b), EPS, *extra, running_mean=rm, running_scale=rs,
+                      factor=0.25, scale_correction=1.5)
+    mu, s_raw = mu.cpu(), s_raw.cpu()
+    want_m = (rm0.float() * 0.75 + mu * 0.25).half()
+    want_s = (rs0.float() * 0.75 + (s_raw * 1.5 + EPS) * 0.25).half()
+    # fp16 buffers: the float32 update may round either way on a GPU (FMA contraction)
+    torch.testing.assert_close(rm.cpu().float(), want_m.float(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(rs.cpu().float(), want_s.float(), rtol=1e-3, atol=1e-3)
+    assert not torch.equal(rm.cpu(), rm0) and not torch.equal(rs.cpu(), rs0)
+    ref = _reference(kind, x, w, b, gy, 2)
+    assert rel_err(mu, ref["mu"]) <= STAT_TOL and rel_err(s_raw, ref["s_raw"]) <= STAT_TOL
+    with pytest.raises(ValueError, match="running_scale must be a contiguous floating"):
+        fn(_dev(x), None, None, EPS, *extra, running_mean=rm, running_scale=None, factor=0.1)
 
 
 def test_gradient_in_another_layout() -> None:
@@ -395,8 +444,8 @@ def test_gradient_in_another_layout() -> None:
 
 def test_output_is_not_a_view_and_takes_inplace_ops() -> None:
     x, w, b, gy = _inputs((3, 3, 4), torch.float32, "contiguous", seed=10)
-    xa = x.requires_grad_()
-    y, mu, s_raw = _triton.l1_batch_norm(xa, w, b, EPS)
+    xa = _dev(x).requires_grad_()
+    y, mu, s_raw = _triton.l1_batch_norm(xa, _dev(w), _dev(b), EPS)
     assert not y._is_view() and not mu.requires_grad and not s_raw.requires_grad
     torch.relu_(y).sum().backward()
     assert xa.grad is not None and torch.isfinite(xa.grad).all()
@@ -407,8 +456,8 @@ def test_gradcheck_float32() -> None:
     """torch.autograd.gradcheck of both Functions (float32: the kernels have no float64 path;
     finite differences with a coarse step, tolerances to match)."""
     x, w, b, _ = _inputs((3, 2, 2), torch.float32, "contiguous", seed=12, k=2)
-    xa = x.requires_grad_()
-    wa, ba = w.requires_grad_(), b.requires_grad_()
+    xa = _dev(x).requires_grad_()
+    wa, ba = _dev(w).requires_grad_(), _dev(b).requires_grad_()
     kw = dict(eps=1e-2, atol=2e-3, rtol=2e-2, fast_mode=True)
     assert torch.autograd.gradcheck(lambda t, u, v: _triton.l1_batch_norm(t, u, v, EPS)[0],
                                     (xa, wa, ba), **kw)
@@ -420,35 +469,40 @@ def test_gradcheck_float32() -> None:
 # availability, errors, the interpreter switch
 # ---------------------------------------------------------------------------------------------
 def test_available(monkeypatch: pytest.MonkeyPatch) -> None:
-    x = torch.zeros(2, 3, 4)
+    x = torch.zeros(2, 3, 4, device=DEVICE)
     assert _triton.available(x)
     assert _triton.available(x.half()) and _triton.available(x.bfloat16())
     assert not _triton.available(x.double())
-    assert not _triton.available(torch.zeros(4))
-    assert not _triton.available(torch.zeros(1, 2, 1, 1, 1, 1))
-    assert not _triton.available(torch.zeros(2, 3, dtype=torch.int64))
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not _triton.available(x)  # CPU tensors need the interpreter
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not _triton.available(torch.zeros(4, device=DEVICE))
+    assert not _triton.available(torch.zeros(1, 2, 1, 1, 1, 1, device=DEVICE))
+    assert not _triton.available(torch.zeros(2, 3, dtype=torch.int64, device=DEVICE))
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert not _triton.available(x)  # CPU tensors need the interpreter
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        assert not _triton.available(x.cpu())
     monkeypatch.setattr(_triton, "_TRITON_IMPORTABLE", False)
     assert not _triton.available(x)
 
 
 def test_errors_name_the_function_and_the_remedy(monkeypatch: pytest.MonkeyPatch) -> None:
-    x = torch.randn(4, 3, 5)
+    x = torch.randn(4, 3, 5, device=DEVICE)
     with pytest.raises(_triton.TritonUnavailableError, match="l1_batch_norm.*float64.*_functional"):
         _triton.l1_batch_norm(x.double())
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        _triton.l1_batch_norm(torch.randn(1, 3))
+        _triton.l1_batch_norm(torch.randn(1, 3, device=DEVICE))
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         _triton.linf_batch_norm(x, k=0)
     with pytest.raises(ValueError, match="weight has 2 elements, expected 3"):
-        _triton.linf_batch_norm(x, torch.ones(2), None, EPS, 1)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+        _triton.linf_batch_norm(x, torch.ones(2, device=DEVICE), None, EPS, 1)
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(_triton.TritonUnavailableError, match="TRITON_INTERPRET=1"):
-        _triton.linf_batch_norm(x)
+        _triton.linf_batch_norm(x.cpu())
 
 
+@pytest.mark.skipif(not INTERPRET, reason="checks the switch from the interpreter's side")
 def test_kernels_follow_the_interpreter_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The jit functions are rebuilt when TRITON_INTERPRET changes (decided at decoration)."""
     from triton.runtime.interpreter import InterpretedFunction

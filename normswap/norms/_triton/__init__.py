@@ -1,63 +1,77 @@
 """Triton kernels for train-mode L1 and L-inf/top-k batch norm (CUDA, or Triton's interpreter).
 
-Same functions as :func:`normswap.norms._functional.l1_batch_norm` and
-:func:`~normswap.norms._functional.linf_batch_norm` (same outputs, same closed-form backward,
-see that module for the maths), for float16, bfloat16 and float32 inputs of rank 2 to 5 in
-contiguous (NCHW, NCDHW, NCL, NC) or channels-last (NHWC, NDHWC, NLC) layout. Any other layout
-is copied to contiguous first. Statistics, coefficients and every intermediate are float32;
-``y`` and ``dx`` are written in the input's dtype, ``mu`` and ``s_raw`` are float32 (C,).
-:func:`available` says whether an input can take this path.
+The same functions as :func:`normswap.norms._functional.l1_batch_norm` and
+:func:`~normswap.norms._functional.linf_batch_norm` (same outputs, same closed-form backward;
+that module states the maths) for float16, bfloat16 and float32 inputs of 2 to 5 dims, contiguous
+(NC, NCL, NCHW, NCDHW) or channels-last (NLC, NHWC, NDHWC); other layouts are copied to
+contiguous first. Statistics, coefficients and intermediates are float32; ``y`` and ``dx`` are
+written in the input's dtype and layout, ``mu`` and ``s_raw`` are float32 (C,). Check
+:func:`available` before calling. Optionally the layers' running-statistics update is fused in
+(``running_mean=``, ``running_scale=``, ``factor=``), saving the ~8 small kernels of an eager
+update per call.
 
-Layout. A channel's ``n = N * R`` elements (R = prod of the spatial dims) are read through
-strides, never transposed: contiguous inputs as an (N, R) matrix per channel (row stride
-``C * R``, tiles of BN x BR with BR contiguous elements per row), channels-last inputs as one
-(N * R, C) matrix (tiles of BM rows x BC contiguous channels). The reduction over a channel is
-split over ``split`` programs (about 4 per SM in all); each writes float32 partial sums to a
-``(q, split, C)`` buffer that the next kernel reduces in a fixed order. No atomics: results are
-deterministic run to run. Means are accumulated as ``sum(x - x0)`` around the channel's first
-element ``x0`` (no cancellation when ``|mean| >> std``).
+Layout and work split
+---------------------
+Inputs are read through strides, never transposed. Contiguous inputs: a channel's n = N*R
+elements (R = prod of the spatial dims) form an (N, R) matrix with row stride C*R; a program
+owns one channel and a run of T tiles of BN x BR (BR contiguous elements per row, rows of up to
+1024). Channels-last inputs: one (N*R, C) matrix; a program owns BC channels (32 to 128 bytes
+of a row, at least 4 channel blocks when C allows) and T tiles of BM rows. A tile is 8 KB of
+input. Each channel (block) is split over ``split`` programs, about 4 per SM in all; each
+program writes float32 partial sums to a ``(q, split, C)`` buffer that the next kernel reduces
+in a fixed order (or, when split * split * C would make those repeated reads cost more than a
+launch, one small ``_combine`` kernel reduces them first). No atomics: results are
+bit-identical run to run. Means accumulate ``sum(x - x0)`` around the channel's first element
+(no cancellation when |mean| >> std).
 
-Kernels and passes over device memory (one pass = reading or writing one tensor of x's size;
-the per-channel buffers are C * split floats, negligible):
+Kernels and passes over device memory
+-------------------------------------
+One pass reads or writes one tensor of x's size; the per-channel buffers (C * split floats,
+plus C * split * 4k int64 keys for L-inf) are negligible.
 
-================  ==========================================  ======  =======================
-op                kernels                                     passes  cuDNN BatchNorm
-================  ==========================================  ======  =======================
-L1 forward        sum(x - x0); sum|x - mu| and sum sign;       3 R 1 W  1-2 R 1 W
-                  y = (x - mu) * w/s + b
-L1 backward       sum g, sum g*d; dx = a*g + b - k*sign(d)     4 R 1 W  4 R 1 W
-L-inf forward     sum(x - x0) + group extrema; finalise        2 R 1 W  1-2 R 1 W
-                  (top-k, C programs); y
-L-inf backward    sum g, sum g*d; dx = a*g + b; fix k per C    3 R 1 W  4 R 1 W
-================  ==========================================  ======  =======================
+============  =================================================  ========  ==================
+op            kernels (launches)                                 passes    cuDNN BatchNorm
+============  =================================================  ========  ==================
+L1 forward    sum(x - x0) | sum|x - mu|, sum sign | normalise    3 R, 1 W  1-2 R, 1 W
+L1 backward   sum g, sum g*d | dx = a*g + b - kappa*sign(d)      4 R, 1 W  2-4 R, 1 W
+Linf forward  sum + group extrema | finalise (top-k, C progr.)    2 R, 1 W  1-2 R, 1 W
+              | normalise
+Linf backwd   sum g, sum g*d | dx = a*g + b | fix k elements/C   3 R, 1 W  2-4 R, 1 W
+============  =================================================  ========  ==================
 
-So an L1 training step moves 9 tensor passes where BatchNorm moves 8 (7 when cuDNN keeps x on
-chip between its statistics and its normalisation), L-inf moves 7. L1 needs its second read
-because ``sum|x - mu|`` needs the final mean: no one-pass form of the mean absolute deviation
-exists. On an H200 (60 MB L2) tensors of up to ~40 MB are re-read from L2 rather than HBM.
-Elementwise work is a few float32 operations per element, well under the ~7 (fp16) to ~15
-(fp32) operations per byte-limited element that HBM3e bandwidth leaves; all loads are
-unit-stride along the tile's inner axis, so Triton vectorises them (16-byte accesses) when the
-row length is a multiple of 8.
+A training step moves 9 tensor passes for L1 and 7 for L-inf, where cuDNN moves 8 (5 when its
+persistent kernels keep the tensor on chip). L1's extra read is unavoidable: ``sum|x - mu|``
+needs the final mean, and no one-pass form of the mean absolute deviation exists. Tensors
+smaller than the L2 (60 MB on an H200) are re-read from L2 within a step, not from HBM. Work per
+element is a handful of float32 instructions, under the ~8 instructions per byte that HBM3e
+leaves; loads are unit-stride along the tile's inner axis and compile to 16-byte vector loads
+(checked in the PTX, benchmarks/gpu_check.py ``triton_aot``) when rows are multiples of 8
+elements (16 bytes). Host overhead: 5 launches per L1 step (8 with the channels-last combines), 6 per
+L-inf step (7), plus the autograd Function; for tensors of a few MB a step is bound by that
+overhead, not by memory. The L-inf finalise kernel is latency-bound: about 3k dependent
+reductions on one program per channel.
 
-Exact top-k without sorting (L-inf). The k largest ``|x - mu|`` are among the k largest ``x``
-and the k largest ``-x`` (an element above the mean with larger |d| than another is also larger
-in x). The first pass, alongside the sum, keeps elementwise running maxima and minima per tile
-lane; a *group* is a tile column (NCHW: BN*T elements) or a tile row lane (NHWC: T elements)
-of one program. The k best groups of each list (by their extreme, ties by group id) are
-selected in each program, and the finalise kernel (one program per channel) selects the k best
-of those, gathers their members and takes the exact top-k of ``|x - mu|`` among them: any
-element of the true top-k lies in one of the k groups with the largest extremes. The multiset of
-selected values, hence ``s_raw``, equals ``torch.topk``'s; among exactly equal ``|x - mu|`` the
-choice is deterministic (larger ``|d|``, then ``d > 0``, then the smaller flat index ``n*R + r``)
-and may differ from ``torch.topk``'s (whose choice is unspecified): the scale's gradient goes to
-exactly k elements either way. Selection works on int64 keys packing value and index so that
-each step is one max-reduction; it costs O(k) reductions per program, so it is meant for small k
-(1 to 64).
+Exact top-k without sorting (L-inf)
+-----------------------------------
+The k largest ``|x - mu|`` are among the k largest x and the k largest -x (above the mean,
+larger x means larger |d|), so the first pass finds both lists alongside the sum, before mu is
+known. It keeps elementwise running maxima and minima per tile lane; a *group* is a tile column
+(contiguous inputs: BN*T elements) or a tile row lane (channels-last: T elements) of one
+program. Each program selects its k best groups per list (by their extreme), the finalise kernel
+(one program per channel) the k best over all programs, gathers their members and takes the
+exact top-k of ``|x - mu|`` among them. This is exact because each element of the true top-k
+lies in one of the k groups with the largest extremes (fewer than k groups can beat its own).
+The multiset of selected values, hence ``s_raw``, is ``torch.topk``'s. Among exactly equal
+``|x - mu|`` the choice is deterministic (positive deviations first) but, like
+``torch.topk``'s, unspecified; the scale's gradient reaches exactly k elements either way.
+Selections run on int64 keys packing value and index, so each step is one max-reduction; a
+selection costs k reductions per program, meant for small k (1 to 64).
 
-What is verified where: tests/norms/test_triton.py runs every kernel under Triton's interpreter
-on the CPU (``TRITON_INTERPRET=1``) against a float64 reference for each dtype, layout and rank;
-benchmarks/gpu_check.sh measures them on a GPU (ratios to cuDNN BatchNorm, memory).
+Verification: tests/norms/test_triton.py runs every kernel under Triton's interpreter on the
+CPU (``TRITON_INTERPRET=1``, set before triton is imported) against float64 reference formulas
+for each dtype, layout and rank, and compiled on a GPU when one is present;
+benchmarks/gpu_check.sh times them against cuDNN BatchNorm and compiles every variant ahead of
+time for the device (registers, spills, vector loads).
 """
 
 from __future__ import annotations
@@ -90,8 +104,14 @@ _MAX_PER_CHANNEL = 2**31 - 2**20
 _TUNING: dict[str, int | None] = {"tile": None, "programs": None, "cmax": None}
 _PROGRAMS_PER_SM = 4
 _MAX_SPLIT = 4096
+_COMBINE_READS = 2**18     # partial-sum floats read by all consumers beyond which we combine
+_KEYS_PER_LIST = 1024      # L-inf: split * KP group keys per channel and list, at most
 _GATHER_MAX = 256          # members per group gathered by the finalise kernel (NCHW: BN*T)
 _NHWC_LANE_MIN_T = 8       # at most this many tiles per program before NHWC lane ranking
+
+
+# a fused running-statistics update: (running_mean, running_scale, factor, scale_correction)
+_Running = tuple[Tensor, Tensor, float, float]
 
 
 class TritonUnavailableError(NormswapError, RuntimeError):
@@ -216,6 +236,7 @@ class _Plan:
     split: int       # programs per channel (block)
     cblocks: int     # C (NCHW) or ceil(C / BC) (NHWC)
     num_warps: int
+    combine: bool    # reduce the partial sums once (_combine) before their consumers
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -223,9 +244,14 @@ class _Plan:
         return (self.cblocks, self.split)
 
     @property
-    def sp(self) -> int:
-        """Power of two >= split (the partial-sum vector width)."""
-        return _next_pow2(self.split)
+    def qs(self) -> int:
+        """Elements between two partial-sum arrays (split * C)."""
+        return self.split * self.C
+
+    @property
+    def rows(self) -> int:
+        """Partial-sum rows a consumer reduces: 1 after _combine, else split."""
+        return 1 if self.combine else self.split
 
     @property
     def n(self) -> int:
@@ -250,11 +276,14 @@ def _tile_elements(x: Tensor) -> int:
     return 8192 // x.element_size() if _gpu_tiling(x) else 64
 
 
-def _channel_block(x: Tensor) -> int:
-    """Channels per NHWC tile at most: 128 bytes of a row on a GPU, 4 under the interpreter."""
+def _channel_block(x: Tensor) -> tuple[int, int]:
+    """(least, most) channels per NHWC tile: 32 to 128 bytes of a row on a GPU, 4 under the
+    interpreter (or the ``cmax`` override)."""
     if _TUNING["cmax"]:
-        return int(_TUNING["cmax"])
-    return max(16, 128 // x.element_size()) if _gpu_tiling(x) else 4
+        return int(_TUNING["cmax"]), int(_TUNING["cmax"])
+    if not _gpu_tiling(x):
+        return 4, 4
+    return 32 // x.element_size(), 128 // x.element_size()
 
 
 def _target_programs(x: Tensor) -> int:
@@ -291,26 +320,55 @@ def _row_width(R: int, cap: int) -> int:
     return min(widths, key=lambda w: (_cdiv(R, w) * w, -w))
 
 
-def _split(TT: int, cblocks: int, programs: int, t_min: int, t_max: int) -> tuple[int, int]:
-    """(tiles per program, programs per channel block) for TT tiles."""
+def _split(TT: int, cblocks: int, programs: int, t_min: int, t_max: int,
+           max_split: int = 4096) -> tuple[int, int]:
+    """(tiles per program, programs per channel block) for TT tiles: about ``programs`` in
+    all, at least ``t_min`` and at most ``t_max`` tiles each, at most ``max_split`` programs
+    per channel block (this bound wins)."""
     split = max(1, min(TT, _cdiv(programs, cblocks)))
     T = _cdiv(TT, split)
     T = max(T, min(TT, t_min))
     T = min(T, max(t_max, 1))
-    T = max(T, _cdiv(TT, _MAX_SPLIT))
+    T = max(T, _cdiv(TT, max(1, min(max_split, _MAX_SPLIT))))
     return T, _cdiv(TT, T)
+
+
+def _combines(split: int, C: int) -> bool:
+    """Whether the consumers' own reads of the partial sums (split * split * C floats in all)
+    would cost more than one _combine launch (about a megabyte of L2 reads)."""
+    return split > 1 and split * split * C > _COMBINE_READS
 
 
 def _plan(x: Tensor, cl: bool, lanes: bool, k: int = 1) -> _Plan:
     """The tiling of ``x`` (already in its working layout) for one call; ``lanes`` for the
-    L-inf selection of ``k`` elements."""
+    L-inf selection of ``k`` elements. Cached: the host work per call stays small."""
+    gpu = _gpu_tiling(x)
+    key = (tuple(x.shape), x.element_size(), x.device, gpu, cl, lanes, k,
+           tuple(_TUNING.values()), _PROGRAMS_PER_SM, _COMBINE_READS, _KEYS_PER_LIST)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 1024:
+            _PLANS.clear()
+        plan = _PLANS[key] = _make_plan(x, cl, lanes, k)
+    return plan
+
+
+_PLANS: dict[tuple[Any, ...], _Plan] = {}
+
+
+def _make_plan(x: Tensor, cl: bool, lanes: bool, k: int) -> _Plan:
+    """See :func:`_plan`."""
     N, C = int(x.shape[0]), int(x.shape[1])
     R = x.numel() // (N * C)
     tile = _tile_elements(x)
     programs = _target_programs(x)
     warps = 8 if tile >= 4096 else 4
+    kp = max(2, _next_pow2(k))
+    max_split = max(1, _KEYS_PER_LIST // kp) if lanes else _MAX_SPLIT
     if cl:
-        bc = min(_next_pow2(C), _channel_block(x))
+        # a 32-byte sector per row at least, up to 128 bytes, and >= 4 channel blocks if C allows
+        lo, hi = _channel_block(x)
+        bc = min(_next_pow2(C), max(lo, min(hi, _next_pow2(C) // 4)))
         bm = max(1, min(tile // bc, _next_pow2(N * R)))
         TT = _cdiv(N * R, bm)
         cblocks = _cdiv(C, bc)
@@ -318,15 +376,17 @@ def _plan(x: Tensor, cl: bool, lanes: bool, k: int = 1) -> _Plan:
         # that over about k/2 tiles (the streaming part costs ~4 operations per element)
         t_min = min(_NHWC_LANE_MIN_T, max(1, (k + 1) // 2)) if lanes else 1
         t_max = _GATHER_MAX if lanes else TT
-        T, split = _split(TT, cblocks, programs, t_min, t_max)
-        return _Plan(True, N, C, R, N * R, C * R, 1, C, bm, bc, 1, TT, T, split, cblocks, warps)
+        T, split = _split(TT, cblocks, programs, t_min, t_max, max_split)
+        return _Plan(True, N, C, R, N * R, C * R, 1, C, bm, bc, 1, TT, T, split, cblocks, warps,
+                     _combines(split, C))
     br = _row_width(R, min(tile, 1024))
     bn = max(1, min(tile // br, _next_pow2(N)))
     TR = _cdiv(R, br)
     TT = _cdiv(N, bn) * TR
     t_max = max(1, _GATHER_MAX // bn) if lanes else TT
-    T, split = _split(TT, C, programs, 1, t_max)
-    return _Plan(False, N, C, R, N * R, C * R, R, C, bn, br, TR, TT, T, split, C, warps)
+    T, split = _split(TT, C, programs, 1, t_max, max_split)
+    return _Plan(False, N, C, R, N * R, C * R, R, C, bn, br, TR, TT, T, split, C, warps,
+                 _combines(split, C))
 
 
 def _working(x: Tensor) -> tuple[Tensor, bool]:
@@ -361,42 +421,67 @@ def _stats(p: _Plan, x: Tensor, g: Tensor | None, mu: Tensor | None, pin: Tensor
     ip = pin if pin is not None else pout
     kk = keys if keys is not None else pout
     lanes = keys is not None
-    common = dict(MODE=mode, LANES=lanes, SP=p.sp, KP=kp, num_warps=p.num_warps)
+    common = dict(MODE=mode, LANES=lanes, KP=kp, num_warps=p.num_warps)
     if p.cl:
-        kern._stats_nhwc[p.grid](x, gp, mp, ip, pout, kk, p.M, p.C, p.sM, p.TT, p.T, p.split,
-                                 1.0 / p.n, k, BM=p.ba, BC=p.bb, **common)
+        kern._stats_nhwc[p.grid](x, gp, mp, ip, pout, kk, p.M, p.C, p.sM, p.TT, p.T, p.qs,
+                                 p.rows, 1.0 / p.n, k, BM=p.ba, BC=p.bb, **common)
     else:
         kern._stats_nchw[p.grid](x, gp, mp, ip, pout, kk, p.N, p.R, p.C, p.sN, p.sC, p.TR, p.TT,
-                                 p.T, p.split, 1.0 / p.n, k, BN=p.ba, BR=p.bb, **common)
+                                 p.T, p.qs, p.rows, 1.0 / p.n, k, BN=p.ba, BR=p.bb, **common)
+
+
+def _combine(p: _Plan, part: Tensor, arrays: int) -> None:
+    """Reduce ``arrays`` partial-sum arrays starting at ``part`` into their row 0, if planned."""
+    if p.combine:
+        _kernels()._combine[(_cdiv(p.C, 128),)](part, p.C, p.split, p.qs, Q=arrays, BC=128,
+                                                num_warps=4)
 
 
 def _apply(p: _Plan, inp: Tensor, x: Tensor, out: Tensor, weight: Tensor | None,
            bias: Tensor | None, mu: Tensor, sraw: Tensor, ssum: Tensor, pin: Tensor,
            eps: float, cst: float, mode: int, dw: Tensor | None = None,
-           db: Tensor | None = None) -> None:
+           db: Tensor | None = None, running: _Running | None = None) -> None:
     """Launch the elementwise kernel of ``mode`` (L1_FWD, LINF_FWD, LINF_BWD, L1_BWD)."""
     kern = _kernels()
     wp = weight if weight is not None else mu
     bp = bias if bias is not None else mu
     common = dict(MODE=mode, HAS_W=weight is not None, HAS_B=bias is not None,
-                  WANT_DW=dw is not None, WANT_DB=db is not None, SP=p.sp,
+                  WANT_DW=dw is not None, WANT_DB=db is not None, RUNNING=running is not None,
                   num_warps=p.num_warps)
+    rm, rs, factor, corr = running if running is not None else (mu, mu, 0.0, 1.0)
     args = (inp, x, out, wp, bp, mu, sraw, ssum, pin, dw if dw is not None else mu,
-            db if db is not None else mu)
+            db if db is not None else mu, rm, rs, float(factor), float(corr))
     if p.cl:
-        kern._apply_nhwc[p.grid](*args, p.M, p.C, p.sM, p.TT, p.T, p.split, 1.0 / p.n,
+        kern._apply_nhwc[p.grid](*args, p.M, p.C, p.sM, p.TT, p.T, p.qs, p.rows, 1.0 / p.n,
                                  float(p.n), float(eps), float(cst), BM=p.ba, BC=p.bb, **common)
     else:
-        kern._apply_nchw[p.grid](*args, p.N, p.R, p.C, p.sN, p.sC, p.TR, p.TT, p.T, p.split,
-                                 1.0 / p.n, float(p.n), float(eps), float(cst), BN=p.ba,
+        kern._apply_nchw[p.grid](*args, p.N, p.R, p.C, p.sN, p.sC, p.TR, p.TT, p.T, p.qs,
+                                 p.rows, 1.0 / p.n, float(p.n), float(eps), float(cst), BN=p.ba,
                                  BR=p.bb, **common)
 
 
-def _param_grads_from_partials(part: Tensor, sraw: Tensor, eps: float, weight: Tensor | None,
-                               bias: Tensor | None, needs: tuple[bool, ...]
-                               ) -> tuple[Tensor | None, Tensor | None]:
+def _running(x: Tensor, running_mean: Tensor | None, running_scale: Tensor | None,
+             factor: float, scale_correction: float, who: str) -> _Running | None:
+    """The running-statistics update to fuse, checked (None when there is none)."""
+    if running_mean is None and running_scale is None:
+        return None
+    C = x.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_scale", running_scale)):
+        if t is None or t.numel() != C or not t.is_contiguous() or t.device != x.device \
+                or not t.is_floating_point():
+            raise ValueError(f"{who}: {name} must be a contiguous floating (C,) = ({C},) tensor "
+                             f"on {x.device} when running statistics are updated, got "
+                             f"{None if t is None else (tuple(t.shape), t.dtype, str(t.device))}")
+    if not 0.0 <= float(factor) <= 1.0:
+        raise ValueError(f"{who}: factor must be in [0, 1], got {factor!r}")
+    return (running_mean, running_scale, float(factor), float(scale_correction))
+
+
+def _param_grads_from_partials(part: Tensor, rows: int, sraw: Tensor, eps: float,
+                               weight: Tensor | None, bias: Tensor | None,
+                               needs: tuple[bool, ...]) -> tuple[Tensor | None, Tensor | None]:
     """grad_weight = sum(g*d)/s, grad_bias = sum(g) from the partials (when dx is not needed)."""
-    sum_g, sum_gd = part[0].sum(0), part[1].sum(0)
+    sum_g, sum_gd = part[0, :rows].sum(0), part[1, :rows].sum(0)
     dw = (sum_gd / (sraw + eps)).to(weight.dtype) if weight is not None and needs[1] else None
     db = sum_g.to(bias.dtype) if bias is not None and needs[2] else None
     return dw, db
@@ -424,7 +509,7 @@ class _TritonL1Fn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                eps: float) -> tuple[Tensor, Tensor, Tensor]:
+                eps: float, running: _Running | None) -> tuple[Tensor, Tensor, Tensor]:
         n = _check_n(x, "L1BatchNorm")
         xk, cl = _working(x)
         p = _plan(xk, cl, lanes=False)
@@ -436,8 +521,11 @@ class _TritonL1Fn(torch.autograd.Function):
         y = torch.empty_like(xk)
         with _device_guard(x):
             _stats(p, xk, None, None, None, part[0], None, kern.SUM)
+            _combine(p, part[0], 1)
             _stats(p, xk, None, None, part[0], part[1], None, kern.DEV)
-            _apply(p, xk, xk, y, w, b, mu, sraw, ssum, part, eps, C_L1 / n, kern.L1_FWD)
+            _combine(p, part[1], 2)
+            _apply(p, xk, xk, y, w, b, mu, sraw, ssum, part, eps, C_L1 / n, kern.L1_FWD,
+                   running=running)
         ctx.plan, ctx.eps = p, float(eps)
         ctx.save_for_backward(xk, w, b, mu, sraw, ssum)
         ctx.mark_non_differentiable(mu, sraw)
@@ -446,7 +534,7 @@ class _TritonL1Fn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_y: Tensor, _gm: Any, _gs: Any
-                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         xk, w, b, mu, sraw, ssum = ctx.saved_tensors
         p: _Plan = ctx.plan
         kern = _kernels()
@@ -455,15 +543,16 @@ class _TritonL1Fn(torch.autograd.Function):
         needs = ctx.needs_input_grad
         with _device_guard(xk):
             _stats(p, xk, g, mu, None, part[0], None, kern.BWD)
+            _combine(p, part, 2)
             if not needs[0]:
-                dw, db = _param_grads_from_partials(part, sraw, ctx.eps, w, b, needs)
-                return None, dw, db, None
+                dw, db = _param_grads_from_partials(part, p.rows, sraw, ctx.eps, w, b, needs)
+                return None, dw, db, None, None, None
             dx = torch.empty_like(xk)
             dw = torch.empty_like(w) if w is not None and needs[1] else None
             db = torch.empty_like(b) if b is not None and needs[2] else None
             _apply(p, g, xk, dx, w, None, mu, sraw, ssum, part, ctx.eps, C_L1 / p.n,
                    kern.L1_BWD, dw, db)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 class _TritonLinfFn(torch.autograd.Function):
@@ -471,7 +560,7 @@ class _TritonLinfFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-                k: int) -> tuple[Tensor, Tensor, Tensor]:
+                k: int, running: _Running | None) -> tuple[Tensor, Tensor, Tensor]:
         n = _check_n(x, "LinfBatchNorm")
         k = max(1, min(int(k), n))
         kp = max(2, _next_pow2(k))
@@ -487,12 +576,15 @@ class _TritonLinfFn(torch.autograd.Function):
         sel = torch.empty((p.C, kp), dtype=torch.int32, device=dev)
         sgn = torch.empty((p.C, kp), dtype=torch.float32, device=dev)
         y = torch.empty_like(xk)
+        rm, rs, factor, corr = running if running is not None else (mu, mu, 0.0, 1.0)
         with _device_guard(x):
             _stats(p, xk, None, None, None, part[0], keys, kern.SUM, k, kp)
             kern._linf_finalise[(p.C,)](
-                xk, part, keys, mu, sraw, sel, sgn, ssum, p.C, p.split, 1.0 / n, k,
-                linf_constant(n) / k, p.N, p.R, p.sN, p.sC, p.ba, p.bb, p.TR, p.M, p.sM, p.ba,
-                p.TT, p.T, CL=p.cl, SP=p.sp, KP=kp, GE=p.group_size, num_warps=4)
+                xk, part, keys, mu, sraw, sel, sgn, ssum, rm, rs, float(factor), float(corr),
+                float(eps), p.C, p.split, p.split, 1.0 / n, k, linf_constant(n) / k, p.N, p.R,
+                p.sN, p.sC, p.ba, p.bb, p.TR, p.M, p.sM, p.ba, p.TT, p.T, CL=p.cl,
+                SPK=_next_pow2(p.split) * kp, KP=kp,
+                GE=p.group_size, RUNNING=running is not None, num_warps=4)
             _apply(p, xk, xk, y, w, b, mu, sraw, ssum, part, eps, 0.0, kern.LINF_FWD)
         ctx.plan, ctx.eps, ctx.k, ctx.kp = p, float(eps), k, kp
         ctx.save_for_backward(xk, w, b, mu, sraw, ssum, sel, sgn)
@@ -502,7 +594,7 @@ class _TritonLinfFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_y: Tensor, _gm: Any, _gs: Any
-                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
         xk, w, b, mu, sraw, ssum, sel, sgn = ctx.saved_tensors
         p: _Plan = ctx.plan
         kern = _kernels()
@@ -512,26 +604,29 @@ class _TritonLinfFn(torch.autograd.Function):
         cst = linf_constant(p.n) / ctx.k
         with _device_guard(xk):
             _stats(p, xk, g, mu, None, part[0], None, kern.BWD)
+            _combine(p, part, 2)
             if not needs[0]:
-                dw, db = _param_grads_from_partials(part, sraw, ctx.eps, w, b, needs)
-                return None, dw, db, None, None
+                dw, db = _param_grads_from_partials(part, p.rows, sraw, ctx.eps, w, b, needs)
+                return None, dw, db, None, None, None
             dx = torch.empty_like(xk)
             dw = torch.empty_like(w) if w is not None and needs[1] else None
             db = torch.empty_like(b) if b is not None and needs[2] else None
             _apply(p, g, xk, dx, w, None, mu, sraw, ssum, part, ctx.eps, cst, kern.LINF_BWD,
                    dw, db)
             kern._linf_fix[(p.C,)](
-                g, dx, w if w is not None else sraw, sraw, ssum, sel, sgn, part, p.C, p.split,
-                p.R, p.sN, p.sC, p.sM, float(p.n), ctx.eps, cst, CL=p.cl, HAS_W=w is not None,
-                SP=p.sp, KP=ctx.kp, num_warps=2)
-        return dx, dw, db, None, None
+                g, dx, w if w is not None else sraw, sraw, ssum, sel, sgn, part, p.C, p.qs,
+                p.rows, p.R, p.sN, p.sC, p.sM, float(p.n), ctx.eps, cst, CL=p.cl,
+                HAS_W=w is not None, KP=ctx.kp, num_warps=2)
+        return dx, dw, db, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
 # functional API
 # ---------------------------------------------------------------------------------------------
 def l1_batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
-                  eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
+                  eps: float = 1e-5, *, running_mean: Tensor | None = None,
+                  running_scale: Tensor | None = None, factor: float = 0.0,
+                  scale_correction: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """Train-mode L1 batch norm of ``x`` (N, C, *) in Triton kernels.
 
     ``y = (x - mu) / (s_raw + eps) * weight + bias`` with ``s_raw = sqrt(pi/2) * mean|x - mu|``
@@ -543,6 +638,12 @@ def l1_batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None =
         weight: gamma (C,) or None.
         bias: beta (C,) or None.
         eps: added to the scale.
+        running_mean: optional (C,) buffer updated in place, fused into the kernels, as
+            ``r <- (1 - factor) * r + factor * mu`` (float32 arithmetic, stored in its dtype).
+        running_scale: optional (C,) buffer updated likewise towards
+            ``s_raw * scale_correction + eps`` (the L1 layer passes ``sqrt(n / (n - 1))``).
+        factor: the update's weight (momentum, or 1/count for a cumulative average).
+        scale_correction: multiplies s_raw in the running-scale update.
 
     Returns:
         ``(y, mu, s_raw)``: y in x's dtype and layout (contiguous when x was neither contiguous
@@ -550,14 +651,19 @@ def l1_batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None =
 
     Raises:
         TritonUnavailableError: ``available(x)`` is False.
-        ValueError: fewer than 2 elements per channel, or weight/bias of the wrong size.
+        ValueError: fewer than 2 elements per channel, weight/bias/running buffers of the wrong
+            size, or a factor outside [0, 1].
     """
     _require(x, "l1_batch_norm")
-    return _TritonL1Fn.apply(x, weight, bias, float(eps))
+    running = _running(x, running_mean, running_scale, factor, scale_correction,
+                       "l1_batch_norm")
+    return _TritonL1Fn.apply(x, weight, bias, float(eps), running)
 
 
 def linf_batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
-                    eps: float = 1e-5, k: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+                    eps: float = 1e-5, k: int = 1, *, running_mean: Tensor | None = None,
+                    running_scale: Tensor | None = None, factor: float = 0.0,
+                    scale_correction: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """Train-mode L-inf / top-k batch norm of ``x`` (N, C, *) in Triton kernels.
 
     ``s_raw = C(n) * mean of the k largest |x - mu|`` per channel, ``C(n) = 0.5 * (1 +
@@ -572,15 +678,23 @@ def linf_batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None
         eps: added to the scale.
         k: number of largest ``|x - mu|`` averaged per channel, >= 1 (small k: the selection
             costs O(k) reductions).
+        running_mean: optional running buffer, see :func:`l1_batch_norm`.
+        running_scale: optional running buffer (the L-inf layer passes
+            ``scale_correction=1``).
+        factor: the update's weight.
+        scale_correction: multiplies s_raw in the running-scale update.
 
     Returns:
         ``(y, mu, s_raw)`` as :func:`l1_batch_norm`.
 
     Raises:
         TritonUnavailableError: ``available(x)`` is False.
-        ValueError: k < 1, fewer than 2 elements per channel, or weight/bias of the wrong size.
+        ValueError: k < 1, fewer than 2 elements per channel, weight/bias/running buffers of
+            the wrong size, or a factor outside [0, 1].
     """
     if isinstance(k, bool) or int(k) != k or int(k) < 1:
         raise ValueError(f"linf_batch_norm: k must be an int >= 1, got {k!r}")
     _require(x, "linf_batch_norm")
-    return _TritonLinfFn.apply(x, weight, bias, float(eps), int(k))
+    running = _running(x, running_mean, running_scale, factor, scale_correction,
+                       "linf_batch_norm")
+    return _TritonLinfFn.apply(x, weight, bias, float(eps), int(k), running)

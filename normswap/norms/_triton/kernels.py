@@ -13,8 +13,10 @@ Two memory layouts, one kernel family each:
 
 Tiles are numbered per channel (NCHW: ``tau = tn * TR + tr``; NHWC: ``tau`` = row block), and
 program ``s`` of a channel (block) owns tiles ``[s*T, min((s+1)*T, TT))``. Per-program partial
-sums go to ``part[q, s, c]`` (float32) and are reduced, in a fixed order, by the consumer kernel:
-no atomics, so every result is deterministic.
+sums go to ``part[q, s, c]`` (float32, arrays ``QS = split * C`` apart) and are reduced, in a
+fixed order, by each consumer program over ``ROWS`` rows (chunks of SPC rows), or first by
+``_combine`` into row 0 (then ROWS = 1) when the consumers' repeated reads would cost more than
+one launch. No atomics: every result is deterministic.
 
 Selection keys (L-inf). An ordering on (value, index) is packed into one non-negative int64 so
 that one ``max`` reduction finds the best element and its identity (ties: smaller index first):
@@ -43,7 +45,7 @@ LINF_FWD = 1   # same, mu and s_raw from the finalise kernel
 LINF_BWD = 2   # dx = g * alpha + beta (the k selected elements are fixed by _linf_fix)
 L1_BWD = 3     # dx = g * alpha + beta - kappa * sign(x - mu)
 
-_LOW31 = 2147483647
+SPC: tl.constexpr = tl.constexpr(32)   # partial-sum rows reduced per step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,19 +62,40 @@ def _bwd_coefficients(sum_g, sum_gd, w, s, ssum, nf, cst):
 
 
 @triton.jit
-def _psum1(ptr, c, C, SPLIT, SP: tl.constexpr):
-    """sum over s < SPLIT of ptr[s * C + c] for one channel c."""
-    sp = tl.arange(0, SP)
-    return tl.sum(tl.load(ptr + sp * C + c, mask=sp < SPLIT, other=0.0), axis=0)
+def _ema(ptr, offs, new, factor, mask):
+    """``r <- (1 - factor) * r + factor * new`` in float32, stored in r's dtype."""
+    r = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptr + offs, (r * (1.0 - factor) + new * factor).to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _psumv(ptr, cols, C, SPLIT, SP: tl.constexpr):
-    """sum over s < SPLIT of ptr[s * C + cols] for a vector of channels (0 past C)."""
-    sp = tl.arange(0, SP)
-    p = tl.load(ptr + sp[:, None] * C + cols[None, :],
-                mask=(sp < SPLIT)[:, None] & (cols < C)[None, :], other=0.0)
-    return tl.sum(p, axis=0)
+def _psum1(ptr, c, C, ROWS):
+    """sum over s < ROWS of ptr[s * C + c] for one channel c (fixed order)."""
+    acc = tl.zeros([SPC], tl.float32)
+    for s0 in range(0, ROWS, SPC):
+        sp = s0 + tl.arange(0, SPC)
+        acc += tl.load(ptr + sp * C + c, mask=sp < ROWS, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _psumv(ptr, cols, C, ROWS, BC: tl.constexpr):
+    """sum over s < ROWS of ptr[s * C + cols] for a vector of BC channels (0 past C)."""
+    acc = tl.zeros([SPC, BC], tl.float32)
+    for s0 in range(0, ROWS, SPC):
+        sp = s0 + tl.arange(0, SPC)
+        acc += tl.load(ptr + sp[:, None] * C + cols[None, :],
+                       mask=(sp < ROWS)[:, None] & (cols < C)[None, :], other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _combine(part_ptr, C, SPLIT, QS, Q: tl.constexpr, BC: tl.constexpr):
+    """part[q, 0, c] <- sum over s < SPLIT of part[q, s, c] for Q arrays (grid: C / BC)."""
+    cols = tl.program_id(0) * BC + tl.arange(0, BC)
+    for q in tl.static_range(Q):
+        total = _psumv(part_ptr + q * QS, cols, C, SPLIT, BC)
+        tl.store(part_ptr + q * QS + cols, total, mask=cols < C)
 
 
 @triton.jit
@@ -116,9 +139,9 @@ def _topk_groups_cols(v, gid, K, KP: tl.constexpr, BC: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _stats_nchw(x_ptr, g_ptr, mu_ptr, pin_ptr, pout_ptr, key_ptr,
-                N, R, C, sN, sC, TR, TT, T, SPLIT, inv_n, K,
+                N, R, C, sN, sC, TR, TT, T, QS, ROWS, inv_n, K,
                 MODE: tl.constexpr, LANES: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
-                SP: tl.constexpr, KP: tl.constexpr):
+                KP: tl.constexpr):
     """Partial sums of one channel over tiles [s*T, (s+1)*T) (NCHW); see the module docstring.
 
     With LANES (mode SUM only) it also keeps, for every column j of the tile (a *group*: the
@@ -133,7 +156,7 @@ def _stats_nchw(x_ptr, g_ptr, mu_ptr, pin_ptr, pout_ptr, key_ptr,
     if MODE == 0:
         ref = tl.load(x_ptr + coff).to(tl.float32)
     elif MODE == 1:
-        ref = tl.load(x_ptr + coff).to(tl.float32) + _psum1(pin_ptr, c, C, SPLIT, SP) * inv_n
+        ref = tl.load(x_ptr + coff).to(tl.float32) + _psum1(pin_ptr, c, C, ROWS) * inv_n
     else:
         ref = tl.load(mu_ptr + c)
     acc0 = tl.zeros([BN, BR], dtype=tl.float32)
@@ -165,7 +188,7 @@ def _stats_nchw(x_ptr, g_ptr, mu_ptr, pin_ptr, pout_ptr, key_ptr,
     o = s * C + c
     tl.store(pout_ptr + o, tl.sum(tl.sum(acc0, axis=1), axis=0))
     if MODE != 0:
-        tl.store(pout_ptr + SPLIT * C + o, tl.sum(tl.sum(acc1, axis=1), axis=0))
+        tl.store(pout_ptr + QS + o, tl.sum(tl.sum(acc1, axis=1), axis=0))
     if LANES:
         gid = s * BR + rr
         kb = key_ptr + o.to(tl.int64) * (2 * KP) + tl.arange(0, KP)
@@ -175,9 +198,9 @@ def _stats_nchw(x_ptr, g_ptr, mu_ptr, pin_ptr, pout_ptr, key_ptr,
 
 @triton.jit
 def _stats_nhwc(x_ptr, g_ptr, mu_ptr, pin_ptr, pout_ptr, key_ptr,
-                M, C, sM, TT, T, SPLIT, inv_n, K,
+                M, C, sM, TT, T, QS, ROWS, inv_n, K,
                 MODE: tl.constexpr, LANES: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-                SP: tl.constexpr, KP: tl.constexpr):
+                KP: tl.constexpr):
     """As _stats_nchw for the (M, C) channels-last matrix; a group is one row lane i of the
     tile (the T elements of rows tau*BM + i of this program), per channel."""
     cb = tl.program_id(0)
@@ -189,7 +212,7 @@ def _stats_nhwc(x_ptr, g_ptr, mu_ptr, pin_ptr, pout_ptr, key_ptr,
         ref = tl.load(x_ptr + cols, mask=cm, other=0.0).to(tl.float32)
     elif MODE == 1:
         ref = (tl.load(x_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-               + _psumv(pin_ptr, cols, C, SPLIT, SP) * inv_n)
+               + _psumv(pin_ptr, cols, C, ROWS, BC) * inv_n)
     else:
         ref = tl.load(mu_ptr + cols, mask=cm, other=0.0)
     refb = ref[None, :]
@@ -219,7 +242,7 @@ def _stats_nhwc(x_ptr, g_ptr, mu_ptr, pin_ptr, pout_ptr, key_ptr,
     o = s * C + cols
     tl.store(pout_ptr + o, tl.sum(acc0, axis=0), mask=cm)
     if MODE != 0:
-        tl.store(pout_ptr + SPLIT * C + o, tl.sum(acc1, axis=0), mask=cm)
+        tl.store(pout_ptr + QS + o, tl.sum(acc1, axis=0), mask=cm)
     if LANES:
         gid = (s * BM + rm)[:, None]
         kb = (key_ptr + (o.to(tl.int64) * (2 * KP))[None, :] + tl.arange(0, KP)[:, None])
@@ -269,16 +292,19 @@ def _gather_keys(x_ptr, gk, mu, coff, N, R, sN, BN, BR, TR, M, sM, BM, TT, T,
 
 @triton.jit
 def _linf_finalise(x_ptr, pin_ptr, key_ptr, mu_ptr, sraw_ptr, sel_ptr, sgn_ptr, ssum_ptr,
-                   C, SPLIT, inv_n, K, cst,
+                   rm_ptr, rs_ptr, factor, corr, eps,
+                   C, SPLIT, ROWS, inv_n, K, cst,
                    N, R, sN, sC, BN, BR, TR, M, sM, BM, TT, T,
-                   CL: tl.constexpr, SP: tl.constexpr, KP: tl.constexpr, GE: tl.constexpr):
+                   CL: tl.constexpr, SPK: tl.constexpr, KP: tl.constexpr, GE: tl.constexpr,
+                   RUNNING: tl.constexpr):
     """One program per channel: mean, the K best groups of each list over all programs, their
     members, and the exact top-K of |x - mu| among them; writes mu, s_raw = cst * sum(top-K),
-    the selected flat indices, their signs and the sum of those signs."""
+    the selected flat indices, their signs and the sum of those signs; with RUNNING, updates the
+    running mean and scale (new scale: s_raw * corr + eps)."""
     c = tl.program_id(0)
     coff = c.to(tl.int64) * sC
-    mu = tl.load(x_ptr + coff).to(tl.float32) + _psum1(pin_ptr, c, C, SPLIT, SP) * inv_n
-    e = tl.arange(0, SP * KP)
+    mu = tl.load(x_ptr + coff).to(tl.float32) + _psum1(pin_ptr, c, C, ROWS) * inv_n
+    e = tl.arange(0, SPK)
     es = e // KP
     kb = (es.to(tl.int64) * C + c) * (2 * KP) + (e - es * KP)
     em = es < SPLIT
@@ -305,6 +331,9 @@ def _linf_finalise(x_ptr, pin_ptr, key_ptr, mu_ptr, sraw_ptr, sel_ptr, sgn_ptr, 
         tsum += tl.where(ok, absd, 0.0)
     tl.store(mu_ptr + c, mu)
     tl.store(sraw_ptr + c, tsum * cst)
+    if RUNNING:
+        _ema(rm_ptr, c, mu, factor, True)
+        _ema(rs_ptr, c, tsum * cst * corr + eps, factor, True)
     tl.store(sel_ptr + c * KP + slots, sel)
     tl.store(sgn_ptr + c * KP + slots, sgn)
     tl.store(ssum_ptr + c, tl.sum(sgn, axis=0))
@@ -312,8 +341,8 @@ def _linf_finalise(x_ptr, pin_ptr, key_ptr, mu_ptr, sraw_ptr, sel_ptr, sgn_ptr, 
 
 @triton.jit
 def _linf_fix(g_ptr, dx_ptr, w_ptr, sraw_ptr, ssum_ptr, sel_ptr, sgn_ptr, pin_ptr,
-              C, SPLIT, R, sN, sC, sM, nf, eps, cst,
-              CL: tl.constexpr, HAS_W: tl.constexpr, SP: tl.constexpr, KP: tl.constexpr):
+              C, QS, ROWS, R, sN, sC, sM, nf, eps, cst,
+              CL: tl.constexpr, HAS_W: tl.constexpr, KP: tl.constexpr):
     """One program per channel: rewrite dx at the K selected elements with the scale's term,
     ``dx = alpha*g + beta - coef*sign(d)`` (computed from g once, in float32)."""
     c = tl.program_id(0)
@@ -321,8 +350,8 @@ def _linf_fix(g_ptr, dx_ptr, w_ptr, sraw_ptr, ssum_ptr, sel_ptr, sgn_ptr, pin_pt
         w = tl.load(w_ptr + c).to(tl.float32)
     else:
         w = 1.0
-    sum_g = _psum1(pin_ptr, c, C, SPLIT, SP)
-    sum_gd = _psum1(pin_ptr + SPLIT * C, c, C, SPLIT, SP)
+    sum_g = _psum1(pin_ptr, c, C, ROWS)
+    sum_gd = _psum1(pin_ptr + QS, c, C, ROWS)
     sc = tl.load(sraw_ptr + c) + eps
     alpha, beta, kappa = _bwd_coefficients(sum_g, sum_gd, w, sc, tl.load(ssum_ptr + c), nf, cst)
     slots = tl.arange(0, KP)
@@ -345,14 +374,14 @@ def _linf_fix(g_ptr, dx_ptr, w_ptr, sraw_ptr, ssum_ptr, sel_ptr, sgn_ptr, pin_pt
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _apply_nchw(in_ptr, x_ptr, out_ptr, w_ptr, b_ptr, mu_ptr, sraw_ptr, ssum_ptr, pin_ptr,
-                dw_ptr, db_ptr,
-                N, R, C, sN, sC, TR, TT, T, SPLIT, inv_n, nf, eps, cst,
+                dw_ptr, db_ptr, rm_ptr, rs_ptr, factor, corr,
+                N, R, C, sN, sC, TR, TT, T, QS, ROWS, inv_n, nf, eps, cst,
                 MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
-                BN: tl.constexpr, BR: tl.constexpr, SP: tl.constexpr):
+                WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, RUNNING: tl.constexpr,
+                BN: tl.constexpr, BR: tl.constexpr):
     """Normalise (L1_FWD, LINF_FWD) or back-propagate (LINF_BWD, L1_BWD) one channel's tiles
-    [s*T, (s+1)*T) (NCHW). Program s == 0 writes the per-channel outputs (statistics or the
-    parameter gradients)."""
+    [s*T, (s+1)*T) (NCHW). Program s == 0 writes the per-channel outputs (statistics and, with
+    RUNNING in L1_FWD, the running-statistics update; or the parameter gradients)."""
     c = tl.program_id(0)
     s = tl.program_id(1)
     coff = c.to(tl.int64) * sC
@@ -366,20 +395,23 @@ def _apply_nchw(in_ptr, x_ptr, out_ptr, w_ptr, b_ptr, mu_ptr, sraw_ptr, ssum_ptr
         else:
             beta = 0.0
         if MODE == 0:
-            mu = tl.load(x_ptr + coff).to(tl.float32) + _psum1(pin_ptr, c, C, SPLIT, SP) * inv_n
-            s_raw = _psum1(pin_ptr + SPLIT * C, c, C, SPLIT, SP) * cst
+            mu = tl.load(x_ptr + coff).to(tl.float32) + _psum1(pin_ptr, c, C, ROWS) * inv_n
+            s_raw = _psum1(pin_ptr + QS, c, C, ROWS) * cst
             if s == 0:
                 tl.store(mu_ptr + c, mu)
                 tl.store(sraw_ptr + c, s_raw)
-                tl.store(ssum_ptr + c, _psum1(pin_ptr + 2 * SPLIT * C, c, C, SPLIT, SP))
+                tl.store(ssum_ptr + c, _psum1(pin_ptr + 2 * QS, c, C, ROWS))
+                if RUNNING:
+                    _ema(rm_ptr, c, mu, factor, True)
+                    _ema(rs_ptr, c, s_raw * corr + eps, factor, True)
         else:
             mu = tl.load(mu_ptr + c)
             s_raw = tl.load(sraw_ptr + c)
         alpha = w / (s_raw + eps)
         kappa = 0.0
     else:
-        sum_g = _psum1(pin_ptr, c, C, SPLIT, SP)
-        sum_gd = _psum1(pin_ptr + SPLIT * C, c, C, SPLIT, SP)
+        sum_g = _psum1(pin_ptr, c, C, ROWS)
+        sum_gd = _psum1(pin_ptr + QS, c, C, ROWS)
         sc = tl.load(sraw_ptr + c) + eps
         alpha, beta, kappa = _bwd_coefficients(sum_g, sum_gd, w, sc, tl.load(ssum_ptr + c),
                                                nf, cst)
@@ -413,11 +445,11 @@ def _apply_nchw(in_ptr, x_ptr, out_ptr, w_ptr, b_ptr, mu_ptr, sraw_ptr, ssum_ptr
 
 @triton.jit
 def _apply_nhwc(in_ptr, x_ptr, out_ptr, w_ptr, b_ptr, mu_ptr, sraw_ptr, ssum_ptr, pin_ptr,
-                dw_ptr, db_ptr,
-                M, C, sM, TT, T, SPLIT, inv_n, nf, eps, cst,
+                dw_ptr, db_ptr, rm_ptr, rs_ptr, factor, corr,
+                M, C, sM, TT, T, QS, ROWS, inv_n, nf, eps, cst,
                 MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
-                BM: tl.constexpr, BC: tl.constexpr, SP: tl.constexpr):
+                WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, RUNNING: tl.constexpr,
+                BM: tl.constexpr, BC: tl.constexpr):
     """As _apply_nchw for the (M, C) channels-last matrix (BC channels per program)."""
     cb = tl.program_id(0)
     s = tl.program_id(1)
@@ -434,21 +466,23 @@ def _apply_nhwc(in_ptr, x_ptr, out_ptr, w_ptr, b_ptr, mu_ptr, sraw_ptr, ssum_ptr
             beta = tl.zeros([BC], tl.float32)
         if MODE == 0:
             mu = (tl.load(x_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-                  + _psumv(pin_ptr, cols, C, SPLIT, SP) * inv_n)
-            s_raw = _psumv(pin_ptr + SPLIT * C, cols, C, SPLIT, SP) * cst
+                  + _psumv(pin_ptr, cols, C, ROWS, BC) * inv_n)
+            s_raw = _psumv(pin_ptr + QS, cols, C, ROWS, BC) * cst
             if s == 0:
                 tl.store(mu_ptr + cols, mu, mask=cm)
                 tl.store(sraw_ptr + cols, s_raw, mask=cm)
-                tl.store(ssum_ptr + cols, _psumv(pin_ptr + 2 * SPLIT * C, cols, C, SPLIT, SP),
-                         mask=cm)
+                tl.store(ssum_ptr + cols, _psumv(pin_ptr + 2 * QS, cols, C, ROWS, BC), mask=cm)
+                if RUNNING:
+                    _ema(rm_ptr, cols, mu, factor, cm)
+                    _ema(rs_ptr, cols, s_raw * corr + eps, factor, cm)
         else:
             mu = tl.load(mu_ptr + cols, mask=cm, other=0.0)
             s_raw = tl.load(sraw_ptr + cols, mask=cm, other=1.0)
         alpha = w / (s_raw + eps)
         kappa = tl.zeros([BC], tl.float32)
     else:
-        sum_g = _psumv(pin_ptr, cols, C, SPLIT, SP)
-        sum_gd = _psumv(pin_ptr + SPLIT * C, cols, C, SPLIT, SP)
+        sum_g = _psumv(pin_ptr, cols, C, ROWS, BC)
+        sum_gd = _psumv(pin_ptr + QS, cols, C, ROWS, BC)
         sc = tl.load(sraw_ptr + cols, mask=cm, other=1.0) + eps
         ssum = tl.load(ssum_ptr + cols, mask=cm, other=0.0)
         alpha, beta, kappa = _bwd_coefficients(sum_g, sum_gd, w, sc, ssum, nf, cst)
