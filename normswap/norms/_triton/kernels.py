@@ -47,6 +47,21 @@ L1_BWD = 3     # dx = g * alpha + beta - kappa * sign(x - mu)
 
 SPC: tl.constexpr = tl.constexpr(32)   # partial-sum rows reduced per step
 
+# Integer arguments the JIT must not specialise (on ==1 or %16): counts and sizes that only
+# bound loops or mask the non-contiguous tile axis; one compiled variant per tile shape keeps
+# compile time down. Strides (sN, sC, sM) and the extent of the contiguous axis (R for NCHW, C
+# for NHWC) stay specialised: their divisibility by 16 lets masked loads be 16-byte vectors.
+_DNS: dict[str, list[str]] = {
+    '_combine': ['C', 'SPLIT', 'QS'],
+    '_stats_nchw': ['N', 'C', 'TR', 'TT', 'T', 'QS', 'ROWS', 'K'],
+    '_stats_nhwc': ['M', 'TT', 'T', 'QS', 'ROWS', 'K'],
+    '_linf_finalise': ['C', 'SPLIT', 'ROWS', 'K', 'N', 'R', 'BN', 'BR', 'TR', 'M', 'BM', 'TT',
+                       'T'],
+    '_linf_fix': ['C', 'QS', 'ROWS', 'R'],
+    '_apply_nchw': ['N', 'C', 'TR', 'TT', 'T', 'QS', 'ROWS'],
+    '_apply_nhwc': ['M', 'TT', 'T', 'QS', 'ROWS'],
+}
+
 
 # ---------------------------------------------------------------------------------------------
 # small helpers (any shape)
@@ -89,7 +104,7 @@ def _psumv(ptr, cols, C, ROWS, BC: tl.constexpr):
     return tl.sum(acc, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DNS["_combine"])
 def _combine(part_ptr, C, SPLIT, QS, Q: tl.constexpr, BC: tl.constexpr):
     """part[q, 0, c] <- sum over s < SPLIT of part[q, s, c] for Q arrays (grid: C / BC)."""
     cols = tl.program_id(0) * BC + tl.arange(0, BC)
@@ -137,7 +152,7 @@ def _topk_groups_cols(v, gid, K, KP: tl.constexpr, BC: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 # per-channel reductions
 # ---------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=_DNS["_stats_nchw"])
 def _stats_nchw(x_ptr, g_ptr, mu_ptr, pin_ptr, pout_ptr, key_ptr,
                 N, R, C, sN, sC, TR, TT, T, QS, ROWS, inv_n, K,
                 MODE: tl.constexpr, LANES: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
@@ -196,7 +211,7 @@ def _stats_nchw(x_ptr, g_ptr, mu_ptr, pin_ptr, pout_ptr, key_ptr,
         tl.store(kb + KP, _topk_groups(-tl.min(lmin, axis=0), gid, K, KP))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DNS["_stats_nhwc"])
 def _stats_nhwc(x_ptr, g_ptr, mu_ptr, pin_ptr, pout_ptr, key_ptr,
                 M, C, sM, TT, T, QS, ROWS, inv_n, K,
                 MODE: tl.constexpr, LANES: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
@@ -290,7 +305,7 @@ def _gather_keys(x_ptr, gk, mu, coff, N, R, sN, BN, BR, TR, M, sM, BM, TT, T,
     return tl.where(ok, key, -1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DNS["_linf_finalise"])
 def _linf_finalise(x_ptr, pin_ptr, key_ptr, mu_ptr, sraw_ptr, sel_ptr, sgn_ptr, ssum_ptr,
                    rm_ptr, rs_ptr, factor, corr, eps,
                    C, SPLIT, ROWS, inv_n, K, cst,
@@ -339,7 +354,7 @@ def _linf_finalise(x_ptr, pin_ptr, key_ptr, mu_ptr, sraw_ptr, sel_ptr, sgn_ptr, 
     tl.store(ssum_ptr + c, tl.sum(sgn, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DNS["_linf_fix"])
 def _linf_fix(g_ptr, dx_ptr, w_ptr, sraw_ptr, ssum_ptr, sel_ptr, sgn_ptr, pin_ptr,
               C, QS, ROWS, R, sN, sC, sM, nf, eps, cst,
               CL: tl.constexpr, HAS_W: tl.constexpr, KP: tl.constexpr):
@@ -372,7 +387,7 @@ def _linf_fix(g_ptr, dx_ptr, w_ptr, sraw_ptr, ssum_ptr, sel_ptr, sgn_ptr, pin_pt
 # ---------------------------------------------------------------------------------------------
 # elementwise passes: y = (x - mu) * alpha + beta, dx = g * alpha + beta [- kappa * sign]
 # ---------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=_DNS["_apply_nchw"])
 def _apply_nchw(in_ptr, x_ptr, out_ptr, w_ptr, b_ptr, mu_ptr, sraw_ptr, ssum_ptr, pin_ptr,
                 dw_ptr, db_ptr, rm_ptr, rs_ptr, factor, corr,
                 N, R, C, sN, sC, TR, TT, T, QS, ROWS, inv_n, nf, eps, cst,
@@ -443,7 +458,7 @@ def _apply_nchw(in_ptr, x_ptr, out_ptr, w_ptr, b_ptr, mu_ptr, sraw_ptr, ssum_ptr
         tl.store(out_ptr + off, o.to(out_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DNS["_apply_nhwc"])
 def _apply_nhwc(in_ptr, x_ptr, out_ptr, w_ptr, b_ptr, mu_ptr, sraw_ptr, ssum_ptr, pin_ptr,
                 dw_ptr, db_ptr, rm_ptr, rs_ptr, factor, corr,
                 M, C, sM, TT, T, QS, ROWS, inv_n, nf, eps, cst,
