@@ -46,10 +46,10 @@ smaller than the L2 (60 MB on an H200) are re-read from L2 within a step, not fr
 element is a handful of float32 instructions, under the ~8 instructions per byte that HBM3e
 leaves; loads are unit-stride along the tile's inner axis and compile to 16-byte vector loads
 (checked in the PTX, benchmarks/gpu_check.py ``triton_aot``) when rows are multiples of 8
-elements (16 bytes). Host overhead: 5 launches per L1 step (8 with the channels-last combines), 6 per
-L-inf step (7), plus the autograd Function; for tensors of a few MB a step is bound by that
-overhead, not by memory. The L-inf finalise kernel is latency-bound: about 3k dependent
-reductions on one program per channel.
+elements (16 bytes). Host overhead: 5 launches per L1 step (8 with the channels-last
+combines), 6 per L-inf step (7), plus the autograd Function; for tensors of a few MB a step is
+bound by that overhead, not by memory. The L-inf finalise kernel is latency-bound: about 4k
+dependent reductions in one program per channel.
 
 Exact top-k without sorting (L-inf)
 -----------------------------------
@@ -79,7 +79,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import math
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -92,7 +91,7 @@ from torch.autograd.function import once_differentiable
 from ...errors import NormswapError
 from .._functional import C_L1, _check_n, _like_layout, linf_constant
 
-__all__ = ["available", "l1_batch_norm", "linf_batch_norm", "TritonUnavailableError"]
+__all__ = ["TritonUnavailableError", "available", "l1_batch_norm", "linf_batch_norm"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +138,6 @@ def _triton_importable() -> bool:
             _TRITON_IMPORTABLE = False
         else:
             try:
-                import triton  # noqa: F401
                 import triton.language  # noqa: F401
             except Exception as exc:  # noqa: BLE001 - a broken install means "not available"
                 logger.info("triton is installed but does not import (%s: %s)",
