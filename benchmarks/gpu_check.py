@@ -195,6 +195,23 @@ def triton_dispatch(run: Callable[[], Any]) -> bool:
     return bool(calls)
 
 
+def run_group(cmd: list[str], timeout: float, **kwargs: Any) -> tuple[int | None, str]:
+    """Run ``cmd`` in its own process group; (exit code or None on timeout, output). On a
+    timeout the whole group is killed (pytest-xdist workers, compiler processes ...)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out or ""
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return None, out or ""
+
+
 # ---------------------------------------------------------------------------------------------
 # check: environment
 # ---------------------------------------------------------------------------------------------
@@ -262,13 +279,14 @@ def check_triton_tests(ctx: Ctx) -> dict[str, Any]:
         cmd += ["-n", str(min(8, os.cpu_count() or 1))]
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, check=False,
-                          timeout=max(10.0, ctx.left() - 5))
-    tail = (proc.stdout + proc.stderr)[-3000:]
-    summary = [ln for ln in proc.stdout.splitlines() if re.search(r"\d+ (passed|failed)", ln)]
-    return {"status": "pass" if proc.returncode == 0 else "fail",
-            "items": [item("pytest exit code", proc.returncode, passed=proc.returncode == 0)],
-            "details": {"summary": summary[-1] if summary else None, "log_tail": tail}}
+    code, log = run_group(cmd, max(10.0, ctx.left() - 5), cwd=ROOT, env=env)
+    summary = [ln for ln in log.splitlines() if re.search(r"\d+ (passed|failed)", ln)]
+    if code is None:
+        return {"status": "timeout", "reason": "pytest did not finish within the budget",
+                "items": [], "details": {"log_tail": log[-3000:]}}
+    return {"status": "pass" if code == 0 else "fail",
+            "items": [item("pytest exit code", code, passed=code == 0)],
+            "details": {"summary": summary[-1] if summary else None, "log_tail": log[-3000:]}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -999,17 +1017,13 @@ def run_isolated(check: Check, args: argparse.Namespace, budget: float) -> dict[
         if check.compiled:
             cmd.append("--compiled")
             env.pop("TRITON_INTERPRET", None)
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True,
-                                  timeout=budget, check=False)
-        except subprocess.TimeoutExpired as exc:
-            log = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part
-                          for part in (exc.stdout or "", exc.stderr or ""))
+        code, log = run_group(cmd, budget, cwd=ROOT, env=env)
+        log = log[-3000:]
+        if code is None:
             return {"status": "timeout", "reason": f"killed after its budget of {budget:.0f} s",
-                    "items": [], "details": {"log_tail": log[-3000:]}}
-        log = (proc.stdout + proc.stderr)[-3000:]
-        if proc.returncode != 0 or not out.is_file():
-            return {"status": "error", "reason": f"worker exited with code {proc.returncode}",
+                    "items": [], "details": {"log_tail": log}}
+        if code != 0 or not out.is_file():
+            return {"status": "error", "reason": f"worker exited with code {code}",
                     "items": [], "details": {"log_tail": log}}
         result = json.loads(out.read_text())
         if result.get("status") in ("fail", "error"):

