@@ -44,9 +44,10 @@ persistent kernels keep the tensor on chip). L1's extra read is unavoidable: ``s
 needs the final mean, and no one-pass form of the mean absolute deviation exists. Tensors
 smaller than the L2 (60 MB on an H200) are re-read from L2 within a step, not from HBM. Work per
 element is a handful of float32 instructions, under the ~8 instructions per byte that HBM3e
-leaves; loads are unit-stride along the tile's inner axis and compile to 16-byte vector loads
-(checked in the PTX, benchmarks/gpu_check.py ``triton_aot``) when rows are multiples of 8
-elements (16 bytes). Host overhead: 5 launches per L1 step (8 with the channels-last
+leaves; loads are unit-stride along the tile's inner axis and compile to vector loads (read in
+the PTX by benchmarks/gpu_check.py ``triton_aot``): 16-byte ones for rows of a multiple of 16
+elements (R for contiguous inputs, C channels-last), 8-byte fp16 ones for R = 196 (14 x 14),
+scalar ones for odd R such as 49 (7 x 7). Host overhead: 5 launches per L1 step (8 with the channels-last
 combines), 6 per L-inf step (7), plus the autograd Function; for tensors of a few MB a step is
 bound by that overhead, not by memory. The L-inf finalise kernel is latency-bound: about 4k
 dependent reductions in one program per channel.
@@ -424,8 +425,8 @@ def _stats(p: _Plan, x: Tensor, g: Tensor | None, mu: Tensor | None, pin: Tensor
         kern._stats_nhwc[p.grid](x, gp, mp, ip, pout, kk, p.M, p.C, p.sM, p.TT, p.T, p.qs,
                                  p.rows, 1.0 / p.n, k, BM=p.ba, BC=p.bb, **common)
     else:
-        kern._stats_nchw[p.grid](x, gp, mp, ip, pout, kk, p.N, p.R, p.C, p.sN, p.sC, p.TR, p.TT,
-                                 p.T, p.qs, p.rows, 1.0 / p.n, k, BN=p.ba, BR=p.bb, **common)
+        kern._stats_nchw[p.grid](x, gp, mp, ip, pout, kk, p.N, p.C, p.sN, p.TR, p.TT, p.T, p.qs,
+                                 p.rows, 1.0 / p.n, k, R=p.R, BN=p.ba, BR=p.bb, **common)
 
 
 def _combine(p: _Plan, part: Tensor, arrays: int) -> None:
@@ -453,8 +454,8 @@ def _apply(p: _Plan, inp: Tensor, x: Tensor, out: Tensor, weight: Tensor | None,
         kern._apply_nhwc[p.grid](*args, p.M, p.C, p.sM, p.TT, p.T, p.qs, p.rows, 1.0 / p.n,
                                  float(p.n), float(eps), float(cst), BM=p.ba, BC=p.bb, **common)
     else:
-        kern._apply_nchw[p.grid](*args, p.N, p.R, p.C, p.sN, p.sC, p.TR, p.TT, p.T, p.qs,
-                                 p.rows, 1.0 / p.n, float(p.n), float(eps), float(cst), BN=p.ba,
+        kern._apply_nchw[p.grid](*args, p.N, p.C, p.sN, p.TR, p.TT, p.T, p.qs, p.rows,
+                                 1.0 / p.n, float(p.n), float(eps), float(cst), R=p.R, BN=p.ba,
                                  BR=p.bb, **common)
 
 

@@ -49,8 +49,10 @@ SPC: tl.constexpr = tl.constexpr(32)   # partial-sum rows reduced per step
 
 # Integer arguments the JIT must not specialise (on ==1 or %16): counts and sizes that only
 # bound loops or mask the non-contiguous tile axis; one compiled variant per tile shape keeps
-# compile time down. Strides (sN, sC, sM) and the extent of the contiguous axis (R for NCHW, C
-# for NHWC) stay specialised: their divisibility by 16 lets masked loads be 16-byte vectors.
+# compile time down. Strides (sN, sM) and the NHWC channel count C stay specialised: their
+# divisibility by 16 lets masked loads be 16-byte vectors. The NCHW row length R (also the
+# channel stride) is a constexpr: with R known, rows of e.g. 196 = 4 * 49 elements still get
+# 8-byte fp16 vectors, which %16 specialisation alone would not give.
 _DNS: dict[str, list[str]] = {
     '_combine': ['C', 'SPLIT', 'QS'],
     '_stats_nchw': ['N', 'C', 'TR', 'TT', 'T', 'QS', 'ROWS', 'K'],
@@ -154,7 +156,7 @@ def _topk_groups_cols(v, gid, K, KP: tl.constexpr, BC: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_DNS["_stats_nchw"])
 def _stats_nchw(x_ptr, g_ptr, mu_ptr, pin_ptr, pout_ptr, key_ptr,
-                N, R, C, sN, sC, TR, TT, T, QS, ROWS, inv_n, K,
+                N, C, sN, TR, TT, T, QS, ROWS, inv_n, K, R: tl.constexpr,
                 MODE: tl.constexpr, LANES: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
                 KP: tl.constexpr):
     """Partial sums of one channel over tiles [s*T, (s+1)*T) (NCHW); see the module docstring.
@@ -165,7 +167,7 @@ def _stats_nchw(x_ptr, g_ptr, mu_ptr, pin_ptr, pout_ptr, key_ptr,
     """
     c = tl.program_id(0)
     s = tl.program_id(1)
-    coff = c.to(tl.int64) * sC
+    coff = c.to(tl.int64) * R  # contiguous: channel stride R
     rn = tl.arange(0, BN)
     rr = tl.arange(0, BR)
     if MODE == 0:
@@ -390,7 +392,7 @@ def _linf_fix(g_ptr, dx_ptr, w_ptr, sraw_ptr, ssum_ptr, sel_ptr, sgn_ptr, pin_pt
 @triton.jit(do_not_specialize=_DNS["_apply_nchw"])
 def _apply_nchw(in_ptr, x_ptr, out_ptr, w_ptr, b_ptr, mu_ptr, sraw_ptr, ssum_ptr, pin_ptr,
                 dw_ptr, db_ptr, rm_ptr, rs_ptr, factor, corr,
-                N, R, C, sN, sC, TR, TT, T, QS, ROWS, inv_n, nf, eps, cst,
+                N, C, sN, TR, TT, T, QS, ROWS, inv_n, nf, eps, cst, R: tl.constexpr,
                 MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                 WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, RUNNING: tl.constexpr,
                 BN: tl.constexpr, BR: tl.constexpr):
@@ -399,7 +401,7 @@ def _apply_nchw(in_ptr, x_ptr, out_ptr, w_ptr, b_ptr, mu_ptr, sraw_ptr, ssum_ptr
     RUNNING in L1_FWD, the running-statistics update; or the parameter gradients)."""
     c = tl.program_id(0)
     s = tl.program_id(1)
-    coff = c.to(tl.int64) * sC
+    coff = c.to(tl.int64) * R  # contiguous: channel stride R
     if HAS_W:
         w = tl.load(w_ptr + c).to(tl.float32)
     else:
