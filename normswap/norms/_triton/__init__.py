@@ -22,7 +22,9 @@ program writes float32 partial sums to a ``(q, split, C)`` buffer that the next 
 in a fixed order (or, when split * split * C would make those repeated reads cost more than a
 launch, one small ``_combine`` kernel reduces them first). No atomics: results are
 bit-identical run to run. Means accumulate ``sum(x - x0)`` around the channel's first element
-(no cancellation when |mean| >> std).
+(no cancellation when |mean| >> std). Triton compiles one variant per dtype, layout, mode, tile
+shape and, for contiguous inputs, row length R (a compile-time constant, see kernels.py); sizes
+and counts are runtime arguments.
 
 Kernels and passes over device memory
 -------------------------------------
