@@ -887,12 +887,18 @@ def check_triton_aot(ctx: Ctx) -> dict[str, Any]:
                         continue
                     x = x.to(memory_format=torch.channels_last)
                 with _pretend_cuda(x, sms):
-                    for kind, k in (("l1", 1), ("linf", 1), ("linf", 10)):
+                    rm, rs = (torch.empty(shape[1], device="meta") for _ in range(2))
+                    for kind, k, running in (("l1", 1, False), ("linf", 1, False),
+                                             ("linf", 10, False), ("l1", 1, True),
+                                             ("linf", 1, True)):
                         xa = x.requires_grad_()
                         w = torch.empty(shape[1], device="meta", requires_grad=True)
-                        fn = (_triton.l1_batch_norm if kind == "l1" else
-                              (lambda *a, _k=k: _triton.linf_batch_norm(*a, k=_k)))
-                        y, _, _ = fn(xa, w, w, 1e-5)
+                        extra = {"running_mean": rm, "running_scale": rs,
+                                 "factor": 0.1} if running else {}
+                        if kind == "l1":
+                            y, _, _ = _triton.l1_batch_norm(xa, w, w, 1e-5, **extra)
+                        else:
+                            y, _, _ = _triton.linf_batch_norm(xa, w, w, 1e-5, k, **extra)
                         y.backward(torch.empty_like(y))
     finally:
         _triton._kernels, _triton.available = saved  # type: ignore[assignment]
