@@ -3,17 +3,10 @@ an unrandomised equivalence test proves nothing)."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from normswap.passes._match import is_batchnorm
-
-# Triton's interpreter runs the Triton kernels' tests on the CPU; it must be switched on before
-# triton is first imported (triton.language's own helpers are jit-decorated at import time).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @torch.no_grad()
@@ -37,6 +30,14 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
         if nbt is not None:
             nbt.fill_(int(torch.randint(1, 1000, (1,), generator=g)))
     return model
+
+
+# Triton's interpreter runs the Triton kernels' tests on the CPU; it must be switched on before
+# triton is first imported (triton.language's own helpers are jit-decorated at import time).
+if not torch.cuda.is_available():
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
