@@ -34,6 +34,14 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+# Triton's interpreter runs the Triton kernels' tests on the CPU; it must be switched on before
+# triton is first imported (triton.language's own helpers are jit-decorated at import time).
+if not torch.cuda.is_available():
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A deep copy of the state_dict, for 'never mutated' checks."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
