@@ -36,7 +36,8 @@ from .passes.kalman_prior import remove_kalman_priors
 from .progress import stage
 from .registry import Method, get_method
 from .report import PassReport
-from .verify import default_example_inputs, verify_equivalence
+from .inputs import guess_inputs
+from .verify import verify_equivalence
 
 __all__ = ["swap", "inspect", "fold"]
 
@@ -80,21 +81,25 @@ def _bind_factory(method: Method, options: Mapping[str, Any]) -> Callable[[nn.Mo
 
 # -- inputs and capture --------------------------------------------------------------------------
 def _resolve_inputs(work: nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None,
-                    report: PassReport) -> tuple[tuple[Any, ...] | None, dict[str, Any], bool]:
+                    report: PassReport) -> tuple[tuple[Any, ...] | None, dict[str, Any], str]:
+    """The example inputs, and "" or the description of a guessed one."""
     inputs = as_inputs(example_inputs)
     kwargs = dict(example_kwargs or {})
     if inputs is not None or kwargs:
-        return inputs or (), kwargs, False
-    try:
-        guessed = default_example_inputs(work)
-    except Exception as exc:  # noqa: BLE001 - guessing must never crash
-        report.warn(f"could not guess an example input ({type(exc).__name__}: {exc})")
-        guessed = None
-    return guessed, {}, True
+        return inputs or (), kwargs, ""
+    reasons: list[str] = []
+    with stage("guess example input"):
+        guess = guess_inputs(work, reasons=reasons)
+    if guess is None:
+        report.warn("could not guess an example input ("
+                    + ("; ".join(reasons[:4]) or "nothing in the model tells its input")
+                    + "); pass example_inputs=...")
+        return None, {}, "no input"
+    return tuple(guess.args), dict(guess.kwargs), guess.describe()
 
 
 def _capture(work: nn.Module, inputs: tuple[Any, ...] | None, kwargs: dict[str, Any],
-             leaf_modules: Sequence[str | type], inline: bool, guessed: bool,
+             leaf_modules: Sequence[str | type], inline: bool, guessed: str,
              report: PassReport) -> tuple[Capture, tuple[Any, ...] | None]:
     mode = "inline" if inline else "leaf"
     try:
@@ -102,9 +107,8 @@ def _capture(work: nn.Module, inputs: tuple[Any, ...] | None, kwargs: dict[str, 
     except CaptureInputError as exc:
         if not guessed:
             raise CaptureInputError(f"{exc}; check example_inputs") from exc
-        shape = list(inputs[0].shape) if inputs and isinstance(inputs[0], torch.Tensor) else "?"
-        report.warn(f"the generated input of shape {shape} does not run through the model "
-                    f"({exc}); captured symbolically only. Pass example_inputs=...")
+        report.warn(f"{guessed} does not run through the model ({exc}); captured "
+                    "symbolically only. Pass example_inputs=...")
         inputs = None
         cap = capture(work, None, {}, leaf_modules=leaf_modules, bn_subclasses=mode)
     _record_capture(cap, report)
@@ -169,7 +173,8 @@ def _inputs_dtype(inputs: tuple[Any, ...] | None) -> torch.dtype:
 
 
 def _verify(original: nn.Module, rewritten: nn.Module, inputs: tuple[Any, ...] | None,
-            rtol: float | None, report: PassReport, *, guessed: bool, what: str) -> None:
+            kwargs: Mapping[str, Any], rtol: float | None, report: PassReport, *, guessed: str,
+            what: str) -> None:
     """Check eval equivalence and record it; a check that cannot run is an error."""
     if inputs is None:
         raise VerificationError(
@@ -181,14 +186,14 @@ def _verify(original: nn.Module, rewritten: nn.Module, inputs: tuple[Any, ...] |
     t0 = time.perf_counter()
     with stage("verify"):
         res = verify_equivalence(safe_deepcopy(original), rewritten, inputs, rtol=rtol,
-                                 layer_pairs=pairs, raise_on_fail=False)
+                                 layer_pairs=pairs, raise_on_fail=False, kwargs=dict(kwargs))
     report.metrics.update(res.as_metrics())
     report.metrics["verify_seconds"] = round(time.perf_counter() - t0, 4)
-    shape = list(inputs[0].shape) if inputs and isinstance(inputs[0], torch.Tensor) else []
-    source = f" on a generated input of shape {shape}" if guessed else ""
+    source = f" on {guessed}" if guessed else ""
     if res.passed:
         report.note(f"eval outputs match the original{source}: relative error {res.rel:.2e} "
-                    f"(max abs {res.max_abs:.2e}, rtol {rtol:g})")
+                    f"over {res.tensors_compared} tensor(s) (max abs {res.max_abs:.2e}, "
+                    f"rtol {rtol:g})")
     elif res.layers_agree:
         report.metrics["verify.layers_rel"] = res.worst_layer_rel
         report.warn(f"final outputs differ (relative error {res.rel:.3g}) although all "
@@ -197,12 +202,8 @@ def _verify(original: nn.Module, rewritten: nn.Module, inputs: tuple[Any, ...] |
                     "discontinuous post-processing downstream (NMS, top-k, thresholds); check "
                     "the outputs you care about")
     else:
-        where = (f"; the first disagreeing layer is '{res.worst_layer}' (relative error "
-                 f"{res.worst_layer_rel:.3g})" if res.worst_layer else "")
-        raise NumericalMismatchError(
-            f"{what}: eval outputs differ{source}: relative error {res.rel:.3g} > rtol "
-            f"{rtol:g}{where}. Check the layer's statistics, or pass verify=False to skip the "
-            "check.")
+        raise NumericalMismatchError(f"{what}{source}: {res.message()} Or pass verify=False "
+                                     "to skip the check.")
 
 
 def _restore_flags(result: nn.Module, flags: Mapping[str, bool], default: bool) -> None:
@@ -296,7 +297,7 @@ def swap(model: nn.Module, method: str, *, example_inputs: Any = None,
     report.metrics["swapped"] = len(report.changes)
     report.metrics["swap_seconds"] = round(time.perf_counter() - t0, 4)
     if verify and m.eval_exact:
-        _verify(model, result, inputs, rtol, report, guessed=guessed,
+        _verify(model, result, inputs, kwargs, rtol, report, guessed=guessed,
                 what=f"swap -> {m.name} of {type(model).__name__}")
     elif not m.eval_exact:
         report.warn(f"'{m.name}' changes the function: outputs are not expected to match the "
@@ -494,7 +495,7 @@ def fold(model: nn.Module, *, example_inputs: Any = None,
                   train_mode=train_mode, trainable_affine=trainable_affine)
     report.metrics["fold_seconds"] = round(time.perf_counter() - t0, 4)
     if verify:
-        _verify(model, result, inputs, rtol, report, guessed=guessed,
+        _verify(model, result, inputs, kwargs, rtol, report, guessed=guessed,
                 what=f"fold of {type(model).__name__}")
     _restore_flags(result, flags, model.training)
     result.normswap_report = report  # type: ignore[assignment]

@@ -11,7 +11,8 @@
    that is a multiple of the largest stride;
 5. the first layers the input reaches (Conv1d/2d/3d, Linear, BatchNorm, LayerNorm, GroupNorm,
    RNN, Embedding → token ids): channels from the layer, spatial sizes from a short list of
-   candidates (``224, 64, 32, 128, 96, ...``), channels-first before channels-last.
+   candidates (``64, 224, 32, 128, 96, ...``: small first, it is cheap to run), channels-first
+   before channels-last.
 
 Each candidate is run once through the model, in eval mode under ``torch.no_grad`` (module
 attributes, buffers, training flags and the global RNG state are restored afterwards), and the
@@ -43,7 +44,7 @@ __all__ = ["GuessedInputs", "guess_inputs", "default_example_inputs", "iter_tens
 log = logging.getLogger(__name__)
 
 #: Spatial sides tried for a 2-D input whose size nothing declares, in this order.
-SPATIAL_SIZES: tuple[int, ...] = (224, 64, 32, 128, 96, 256, 160, 299, 512)
+SPATIAL_SIZES: tuple[int, ...] = (64, 224, 32, 128, 96, 256, 160, 299, 512)
 _LENGTHS_1D: tuple[int, ...] = (128, 256, 64, 32, 1024, 16000)
 _SIZES_3D: tuple[tuple[int, int, int], ...] = ((8, 112, 112), (16, 112, 112), (8, 64, 64),
                                                (8, 32, 32), (16, 32, 32), (32, 32, 32))

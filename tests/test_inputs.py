@@ -40,7 +40,7 @@ def test_hugging_face_resnet_has_channels_but_no_size() -> None:
     guess = guess_inputs(model)
     assert guess is not None
     assert guess.source == "Hugging Face config (num_channels=4)"
-    assert guess.shapes == [[2, 4, 224, 224]]
+    assert guess.shapes == [[2, 4, 64, 64]]
     _runs(model, guess)
 
 
@@ -140,7 +140,7 @@ def test_model_that_needs_exactly_32x32() -> None:
     guess = guess_inputs(Only32())
     assert guess is not None and guess.shapes == [[2, 3, 32, 32]]
     assert [t.split(": ")[0] for t in guess.tried] == [
-        "first layer Conv2d 'conv' [2, 3, 224, 224]", "first layer Conv2d 'conv' [2, 3, 64, 64]"]
+        "first layer Conv2d 'conv' [2, 3, 64, 64]", "first layer Conv2d 'conv' [2, 3, 224, 224]"]
     assert "expected 32x32 images" in guess.tried[0]
 
 
@@ -195,13 +195,13 @@ def test_keyword_only_input() -> None:
 
     guess = guess_inputs(Kw())
     assert guess is not None and guess.args == () and list(guess.kwargs) == ["image"]
-    assert guess.describe().startswith("a generated input of image=shape [2, 3, 224, 224]")
+    assert guess.describe().startswith("a generated input of image=shape [2, 3, 64, 64]")
     assert default_example_inputs(Kw()) is None  # the positional-only helper cannot say it
 
 
 def test_unchecked_guess() -> None:
     guess = guess_inputs(Only32(), run=False)
-    assert guess is not None and not guess.checked and guess.shapes == [[2, 3, 224, 224]]
+    assert guess is not None and not guess.checked and guess.shapes == [[2, 3, 64, 64]]
 
 
 # -- failures are None with a reason, never an exception, and leave no state ------------------
