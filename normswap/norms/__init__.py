@@ -1,6 +1,7 @@
 """normswap's layers: one file per family."""
 
 from .affine import ChannelAffine
+from .base import BatchStatNorm
 from .kalman import (
     KalmanBatchNorm,
     KalmanBatchNorm1d,
@@ -32,7 +33,7 @@ from .normprop import (
 from .sync import SyncKalmanBatchNorm, SyncL1BatchNorm, SyncLinfBatchNorm
 
 __all__ = [
-    "ChannelAffine",
+    "BatchStatNorm", "ChannelAffine",
     "KalmanBatchNorm", "KalmanBatchNorm1d", "KalmanBatchNorm2d", "KalmanBatchNorm3d",
     "kalman_from_batchnorm", "set_kalman_gain",
     "L1BatchNorm", "L1BatchNorm1d", "L1BatchNorm2d", "L1BatchNorm3d",
