@@ -92,14 +92,13 @@ class BatchStatNorm(nn.Module):
             self.bias = nn.Parameter(torch.zeros(num_features, **factory))
         else:
             self.register_parameter("bias", None)
-        if self.track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("num_batches_tracked",
-                                 torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("num_batches_tracked", None)
+        # BatchNorm's buffer order: running_mean, the spread (running_var), num_batches_tracked
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory)
+                             if self.track_running_stats else None)
         self._init_spread(factory)
+        self.register_buffer("num_batches_tracked",
+                             torch.tensor(0, dtype=torch.long, device=device)
+                             if self.track_running_stats else None)
 
     # -- the spread statistic (subclass hooks) ------------------------------------------------
     def _init_spread(self, factory: dict[str, Any]) -> None:
