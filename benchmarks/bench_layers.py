@@ -44,7 +44,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from normswap.norms import _functional as lp_functional  # noqa: E402
+from normswap.norms import _compile  # noqa: E402
 from normswap.norms.lp_batchnorm import (  # noqa: E402
     L1BatchNorm1d,
     L1BatchNorm2d,
@@ -148,6 +148,24 @@ def train_step(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[
     return step
 
 
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes a train-mode forward saves for backward (unique storages, via saved_tensors_hooks).
+
+    The input ``x`` counts (native BN saves it too); parameters count; tensors a layer kept
+    outside ``save_for_backward`` would escape this count, so the layers keep none.
+    """
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
 def eval_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     """A closure running an eval-mode forward without autograd."""
     def step() -> None:
@@ -165,6 +183,7 @@ def bn_for(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Module:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure the grid and return the JSON document."""
     torch.manual_seed(0)
+    load_start = os.getloadavg()
     bw = bandwidth_gbs(5 if args.quick else 10)
     print(f"copy bandwidth {bw:.1f} GB/s; floor = {PASSES_FLOOR} passes / bandwidth; "
           f"threads={torch.get_num_threads()}; "
@@ -185,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     header = (f"{'layer':<10}{'path':<8}{'dtype':<5}{'layout':<7}{'shape':<14}"
               f"{'train ms':>9}{'BN ms':>8}{'r_wall':>7}{'r_cpu':>7}{'xfloor':>7}"
-              f"{'eval ms':>8}{'BN ev':>7}{'r_wall':>7}{'r_cpu':>7}")
+              f"{'eval ms':>8}{'BN ev':>7}{'r_wall':>7}{'r_cpu':>7}{'saved/BN':>9}")
     print(header)
     print("-" * len(header))
     for shape_name, shape in shapes.items():
@@ -203,7 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for mode in modes:
                     if mode == "compile" and not (args.compile_all or shape_name == first):
                         continue
-                    lp_functional.set_compile(mode == "compile")
+                    _compile.set_compile(mode == "compile")
                     for lname, factory in factories.items():
                         if mode == "compile" and lname == "Kalman":
                             continue
@@ -223,22 +242,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             rows.append(row)
                             continue
                         row.update({"train": tr, "eval": ev, "floor_ms": floor_ms,
-                                    "train_x_floor": tr["cpu_ms"] / floor_ms})
+                                    "train_x_floor": tr["cpu_ms"] / floor_ms,
+                                    "saved_bytes": saved_bytes(layer, x),
+                                    "bn_saved_bytes": saved_bytes(bn, x)})
                         rows.append(row)
                         print(f"{lname:<10}{mode:<8}{dname:<5}{layout:<7}{shape_name:<14}"
                               f"{tr['wall_ms']:9.2f}{tr['ref_wall_ms']:8.2f}"
                               f"{tr['ratio_wall']:7.2f}{tr['ratio_cpu']:7.2f}"
                               f"{tr['cpu_ms'] / floor_ms:7.1f}"
                               f"{ev['wall_ms']:8.2f}{ev['ref_wall_ms']:7.2f}"
-                              f"{ev['ratio_wall']:7.2f}{ev['ratio_cpu']:7.2f}")
-    lp_functional.set_compile(False)
+                              f"{ev['ratio_wall']:7.2f}{ev['ratio_cpu']:7.2f}"
+                              f"{row['saved_bytes'] / row['bn_saved_bytes']:9.4f}")
+    _compile.set_compile(False)
     return {"machine": machine(), "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
             "malloc_keep_heap": "MALLOC_TRIM_THRESHOLD_" in os.environ,
             "copy_bandwidth_gbs": bw, "floor_passes": PASSES_FLOOR,
             "reps": reps, "rows": rows,
             "notes": "ratio = layer time / nn.BatchNorm time, interleaved per repetition, "
                      "median of per-rep ratios, on the wall and the process-CPU clock; xfloor = "
-                     "CPU ms / floor; compile rows exclude compile time (warm-up)"}
+                     "CPU ms / floor; compile rows exclude compile time (warm-up); saved_bytes = "
+                     "bytes saved for backward by one train forward (unique storages, "
+                     "saved_tensors_hooks), bn_saved_bytes the same for nn.BatchNorm",
+            "load_average_start_end": [load_start, os.getloadavg()]}
 
 
 def main(argv: list[str] | None = None) -> int:
