@@ -34,9 +34,17 @@ from torch import Tensor
 
 from . import _compile as compiled
 from ._common import stats_dtype
-from ._kernels import HALF_DTYPES, channel_affine, channel_mean, channel_sums, deviation_sign
+from ._kernels import (
+    HALF_DTYPES,
+    channel_affine,
+    channel_mean,
+    channel_sums,
+    deviation_sign,
+    sign_scale,
+)
 from ._layout import (
     as_channel_view,
+    batch_tiles,
     channel_broadcast,
     channel_view,
     dense,
@@ -186,8 +194,8 @@ class _L1BatchNormFn(torch.autograd.Function):
                 mu = channel_mean(x)
             else:
                 mu, n = _global_mean(x, acc, reducer, "L1BatchNorm")
-            y = deviation_sign(x, mu)               # the output buffer stages sign(x - mu)
-            sum_sign, sum_abs = channel_sums(y, x, mu)
+            y = torch.empty_like(x)
+            sum_sign, sum_abs = _l1_sign_sums(x, mu, y)
             if reducer is not None:
                 C = x.shape[1]
                 total = reducer.sum(torch.cat([sum_abs, sum_sign])).to(acc)
@@ -226,16 +234,47 @@ class _L1BatchNormFn(torch.autograd.Function):
         return _l1_input_gradient(g, x, mu, alpha, beta, kappa), grad_w, grad_b, None, None
 
 
+def _l1_sign_sums(x: Tensor, mu: Tensor, buffer: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum sign(x - mu), sum |x - mu|)`` per channel, staging the sign in ``buffer``.
+
+    Tile by tile over the batch, so each tile's sign is summed while it is still in cache.
+    """
+    scale = sign_scale(mu) if x.dtype in HALF_DTYPES else None
+    parts = []
+    for tile in batch_tiles(x):
+        x_t, sign_t = x[tile], buffer[tile]
+        deviation_sign(x_t, mu, out=sign_t, scale=scale)
+        parts.append(torch.stack(channel_sums(sign_t, x_t, mu)))
+    sums = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+    return sums[0], sums[1]
+
+
 def _l1_input_gradient(g: Tensor, x: Tensor, mu: Tensor, alpha: Tensor, beta: Tensor,
                        kappa: Tensor) -> Tensor:
-    """``alpha*g + beta - kappa*sign(x - mu)`` in x's dtype, from native passes."""
-    if x.dtype in HALF_DTYPES:  # half: the affine of g in float32, the sign term in half
-        sign = deviation_sign(x, mu)
-        dx = channel_affine(g, None, alpha, beta)
-        return dx.addcmul_(sign, channel_broadcast((-kappa).to(x.dtype), x))
-    dx = deviation_sign(x, mu)  # dx stages the sign: the only full-size allocation
-    dx.mul_(channel_broadcast(-kappa, x)).add_(channel_broadcast(beta, x))
-    return dx.addcmul_(g, channel_broadcast(alpha, x))
+    """``alpha*g + beta - kappa*sign(x - mu)`` in x's dtype, tile by tile over the batch.
+
+    float32/float64: the sign is staged in ``dx`` (the only full-size allocation). Half: the
+    affine of ``g`` in float32 by the native kernel, the sign term in half through a tile-sized
+    buffer.
+    """
+    dx = torch.empty_like(x)
+    if x.dtype in HALF_DTYPES:
+        scale, neg_kappa = sign_scale(mu), channel_broadcast((-kappa).to(x.dtype), x)
+        sign_t: Tensor | None = None
+        for tile in batch_tiles(x):
+            x_t, dx_t = x[tile], dx[tile]
+            if sign_t is None or sign_t.shape != x_t.shape:
+                sign_t = torch.empty_like(x_t)
+            deviation_sign(x_t, mu, out=sign_t, scale=scale)
+            channel_affine(g[tile], None, alpha, beta, out=dx_t)
+            dx_t.addcmul_(sign_t, neg_kappa)
+        return dx
+    neg_kappa, beta_b = channel_broadcast(-kappa, x), channel_broadcast(beta, x)
+    alpha_b = channel_broadcast(alpha, x)
+    for tile in batch_tiles(x):
+        dx_t = deviation_sign(x[tile], mu, out=dx[tile])
+        dx_t.mul_(neg_kappa).add_(beta_b).addcmul_(g[tile], alpha_b)
+    return dx
 
 
 def l1_batch_norm_reduced(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,

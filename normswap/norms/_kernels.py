@@ -23,7 +23,7 @@ from torch import Tensor
 from ._common import stats_dtype
 from ._layout import channel_broadcast
 
-__all__ = ["channel_mean", "channel_sums", "channel_affine", "deviation_sign",
+__all__ = ["channel_mean", "channel_sums", "channel_affine", "deviation_sign", "sign_scale",
            "HALF_DTYPES"]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -88,19 +88,25 @@ def channel_affine(x: Tensor, mu: Tensor | None, a: Tensor, b: Tensor,
     return out
 
 
-def deviation_sign(x: Tensor, mu: Tensor, out: Tensor | None = None) -> Tensor:
+def sign_scale(mu: Tensor) -> Tensor:
+    """Per-channel ``2**k`` for :func:`deviation_sign` on half tensors: ``mu * 2**k`` stays
+    finite and any non-zero difference to ``mu`` becomes >= 1 in magnitude (or +-inf)."""
+    return torch.exp2(100.0 - torch.ceil(torch.log2(mu.abs().clamp_min(1.0))))
+
+
+def deviation_sign(x: Tensor, mu: Tensor, out: Tensor | None = None,
+                   scale: Tensor | None = None) -> Tensor:
     """``sign(x - mu)`` per channel, exact, in x's dtype, written to ``out``.
 
     float32/float64: ``x - mu`` rounds to nearest, which keeps its sign, then ``sign_``.
     float16/bfloat16: ``(x - mu) * 2**k`` through the native affine kernel (float32 inside, one
     rounding of two exact products, so the sign is exact), saturated to +-1 by ``clamp_``.
-    ``2**k`` is chosen per channel so that ``mu * 2**k`` stays finite and any non-zero
-    difference becomes >= 1 in magnitude (or +-inf).
 
     Args:
         x: (N, C, *).
         mu: (C,) float32 (float64 for float64 x).
         out: destination like x (default: a new tensor).
+        scale: :func:`sign_scale` of ``mu`` (half inputs; computed when None).
 
     Returns:
         ``out`` holding -1, 0 or 1.
@@ -109,7 +115,6 @@ def deviation_sign(x: Tensor, mu: Tensor, out: Tensor | None = None) -> Tensor:
         out = torch.empty_like(x)
     if x.dtype not in HALF_DTYPES:
         return torch.sub(x, channel_broadcast(mu, x), out=out).sign_()
-    exponent = torch.ceil(torch.log2(mu.abs().clamp_min(1.0)))
-    scale = torch.exp2(100.0 - exponent)
+    scale = sign_scale(mu) if scale is None else scale
     channel_affine(x, mu, scale, torch.zeros_like(mu), out=out)
     return out.clamp_(-1.0, 1.0)

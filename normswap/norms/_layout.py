@@ -23,6 +23,8 @@ __all__ = [
     "view_index",
     "like_layout",
     "dense",
+    "batch_tiles",
+    "TILE_BYTES",
 ]
 
 
@@ -93,3 +95,25 @@ def dense(x: Tensor) -> Tensor:
     if x.is_contiguous() or torch.empty_like(x, device="meta").stride() == x.stride():
         return x
     return x.contiguous()
+
+
+TILE_BYTES = 2 * 1024 * 1024
+"""Target size of one batch tile: a few tiles' worth of tensors stay in cache across passes."""
+
+
+def batch_tiles(x: Tensor, tile_bytes: int | None = None) -> list[slice]:
+    """Slices of dim 0 that split ``x`` into contiguous tiles of about ``tile_bytes``.
+
+    A chain of element-wise passes run tile by tile reads ``x`` from memory once and keeps the
+    intermediate results in cache. Tiles hold at least one sample. One slice (the whole batch)
+    when ``x`` holds fewer than two tiles or when the batch is not the outermost dim in memory.
+    """
+    tile_bytes = TILE_BYTES if tile_bytes is None else tile_bytes
+    N = x.shape[0]
+    if N < 2 or x.numel() == 0 or x.stride(0) * N != x.numel():
+        return [slice(0, N)]
+    per_sample = x.stride(0) * x.element_size()
+    rows = max(1, tile_bytes // per_sample)
+    if rows * 2 > N:
+        return [slice(0, N)]
+    return [slice(n0, min(N, n0 + rows)) for n0 in range(0, N, rows)]
