@@ -235,14 +235,19 @@ class _L1BatchNormFn(torch.autograd.Function):
 
 
 def _l1_sign_sums(x: Tensor, mu: Tensor, buffer: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum sign(x - mu), sum |x - mu|)`` per channel, staging the sign in ``buffer``.
+    """``(sum sign(x - mu), sum |x - mu|)`` per channel.
 
-    Tile by tile over the batch, so each tile's sign is summed while it is still in cache.
+    Tile by tile over the batch: each tile's sign is staged in a tile-sized scratch buffer and
+    summed while it is in cache, so this reads ``x`` once and writes nothing to memory. Inputs
+    too small to tile stage the sign in ``buffer`` (the output, overwritten afterwards).
     """
     scale = sign_scale(mu) if x.dtype in HALF_DTYPES else None
+    tiles = batch_tiles(x)
+    scratch = buffer if len(tiles) == 1 else torch.empty_like(x[tiles[0]])
     parts = []
-    for tile in batch_tiles(x):
-        x_t, sign_t = x[tile], buffer[tile]
+    for tile in tiles:
+        x_t = x[tile]
+        sign_t = scratch[:x_t.shape[0]]
         deviation_sign(x_t, mu, out=sign_t, scale=scale)
         parts.append(torch.stack(channel_sums(sign_t, x_t, mu)))
     sums = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
@@ -260,12 +265,11 @@ def _l1_input_gradient(g: Tensor, x: Tensor, mu: Tensor, alpha: Tensor, beta: Te
     dx = torch.empty_like(x)
     if x.dtype in HALF_DTYPES:
         scale, neg_kappa = sign_scale(mu), channel_broadcast((-kappa).to(x.dtype), x)
-        sign_t: Tensor | None = None
-        for tile in batch_tiles(x):
+        tiles = batch_tiles(x)
+        scratch = torch.empty_like(x[tiles[0]])
+        for tile in tiles:
             x_t, dx_t = x[tile], dx[tile]
-            if sign_t is None or sign_t.shape != x_t.shape:
-                sign_t = torch.empty_like(x_t)
-            deviation_sign(x_t, mu, out=sign_t, scale=scale)
+            sign_t = deviation_sign(x_t, mu, out=scratch[:x_t.shape[0]], scale=scale)
             channel_affine(g[tile], None, alpha, beta, out=dx_t)
             dx_t.addcmul_(sign_t, neg_kappa)
         return dx
