@@ -199,7 +199,7 @@ class _L1BatchNormFn(torch.autograd.Function):
             if reducer is not None:
                 C = x.shape[1]
                 total = reducer.sum(torch.cat([sum_abs, sum_sign])).to(acc)
-                sum_abs, sum_sign = total[:C], total[C:]
+                sum_abs, sum_sign = total[:C], total[C:].clone()
             s_raw = sum_abs * (C_L1 / n)
             s = s_raw + eps
             channel_affine(x, mu, w / s, b, out=y)
@@ -251,7 +251,7 @@ def _l1_sign_sums(x: Tensor, mu: Tensor, buffer: Tensor) -> tuple[Tensor, Tensor
         deviation_sign(x_t, mu, out=sign_t, scale=scale)
         parts.append(torch.stack(channel_sums(sign_t, x_t, mu)))
     sums = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-    return sums[0], sums[1]
+    return sums[0].clone(), sums[1]  # own storage: the sign sum is saved for backward
 
 
 def _l1_input_gradient(g: Tensor, x: Tensor, mu: Tensor, alpha: Tensor, beta: Tensor,
