@@ -97,7 +97,7 @@ def dense(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
-TILE_BYTES = 2 * 1024 * 1024
+TILE_BYTES = 4 * 1024 * 1024
 """Target size of one batch tile: a few tiles' worth of tensors stay in cache across passes."""
 
 
