@@ -14,6 +14,7 @@ Usage::
     python benchmarks/bench_layers.py --no-compile
     python benchmarks/bench_layers.py --thp       # re-run with THP_MEM_ALLOC_ENABLE=1
     python benchmarks/bench_layers.py --keep-heap # re-run with glibc never returning memory
+    python benchmarks/bench_layers.py --tile-mb 0 # L1 passes without batch tiles
 
 On glibc, every fresh 25 MB tensor costs ~6k page faults (~10 ms here, more than the kernel that
 fills it), so results depend on how many full-size buffers a layer allocates; ``--thp`` turns on
@@ -23,7 +24,9 @@ the most reproducible ones on a shared machine). The compiled
 path is measured for the first shape only by default (``--compile-all`` for every shape): each
 new dtype/layout costs a compile.
 
-Writes ``benchmarks/results/layers.json`` (rows plus a machine description).
+Each row also records the bytes one train forward saves for backward (``saved_bytes``, and
+``bn_saved_bytes`` for native BN). Writes ``benchmarks/results/layers.json`` (rows plus a
+machine description, the load average at start and end, and the batch-tile size).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from normswap.norms import _compile  # noqa: E402
+from normswap.norms import _compile, _layout  # noqa: E402
 from normswap.norms.lp_batchnorm import (  # noqa: E402
     L1BatchNorm1d,
     L1BatchNorm2d,
@@ -257,6 +260,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"machine": machine(), "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
             "malloc_keep_heap": "MALLOC_TRIM_THRESHOLD_" in os.environ,
             "copy_bandwidth_gbs": bw, "floor_passes": PASSES_FLOOR,
+            "tile_bytes": _layout.TILE_BYTES,
             "reps": reps, "rows": rows,
             "notes": "ratio = layer time / nn.BatchNorm time, interleaved per repetition, "
                      "median of per-rep ratios, on the wall and the process-CPU clock; xfloor = "
@@ -280,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="re-run with glibc malloc keeping freed memory (no page faults)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--tile-mb", type=float, default=None,
+                        help="batch-tile size of the L1 passes in MiB (0: no tiling; default "
+                             f"{_layout.TILE_BYTES / 2**20:g})")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default benchmarks/results/layers[_thp].json)")
     args = parser.parse_args(argv)
@@ -294,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tile_mb is not None:
+        _layout.TILE_BYTES = int(args.tile_mb * 2**20) if args.tile_mb > 0 else 2**62
     doc = run(args)
     if args.out is None:
         name = "layers" + ("_thp" if args.thp else "") + ("_keepheap" if args.keep_heap else "")
