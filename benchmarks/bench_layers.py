@@ -14,6 +14,7 @@ Usage::
     python benchmarks/bench_layers.py --no-compile
     python benchmarks/bench_layers.py --thp       # re-run with THP_MEM_ALLOC_ENABLE=1
     python benchmarks/bench_layers.py --keep-heap # re-run with glibc never returning memory
+    python benchmarks/bench_layers.py --tile-mb 0 # L1 passes without batch tiles
 
 On glibc, every fresh 25 MB tensor costs ~6k page faults (~10 ms here, more than the kernel that
 fills it), so results depend on how many full-size buffers a layer allocates; ``--thp`` turns on
@@ -23,7 +24,9 @@ the most reproducible ones on a shared machine). The compiled
 path is measured for the first shape only by default (``--compile-all`` for every shape): each
 new dtype/layout costs a compile.
 
-Writes ``benchmarks/results/layers.json`` (rows plus a machine description).
+Each row also records the bytes one train forward saves for backward (``saved_bytes``, and
+``bn_saved_bytes`` for native BN). Writes ``benchmarks/results/layers.json`` (rows plus a
+machine description, the load average at start and end, and the batch-tile size).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from normswap.norms import _functional as lp_functional  # noqa: E402
+from normswap.norms import _compile, _layout  # noqa: E402
 from normswap.norms.lp_batchnorm import (  # noqa: E402
     L1BatchNorm1d,
     L1BatchNorm2d,
@@ -148,6 +151,24 @@ def train_step(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[
     return step
 
 
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes a train-mode forward saves for backward (unique storages, via saved_tensors_hooks).
+
+    The input ``x`` counts (native BN saves it too); parameters count; tensors a layer kept
+    outside ``save_for_backward`` would escape this count, so the layers keep none.
+    """
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
 def eval_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     """A closure running an eval-mode forward without autograd."""
     def step() -> None:
@@ -165,6 +186,7 @@ def bn_for(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Module:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure the grid and return the JSON document."""
     torch.manual_seed(0)
+    load_start = os.getloadavg()
     bw = bandwidth_gbs(5 if args.quick else 10)
     print(f"copy bandwidth {bw:.1f} GB/s; floor = {PASSES_FLOOR} passes / bandwidth; "
           f"threads={torch.get_num_threads()}; "
@@ -185,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     header = (f"{'layer':<10}{'path':<8}{'dtype':<5}{'layout':<7}{'shape':<14}"
               f"{'train ms':>9}{'BN ms':>8}{'r_wall':>7}{'r_cpu':>7}{'xfloor':>7}"
-              f"{'eval ms':>8}{'BN ev':>7}{'r_wall':>7}{'r_cpu':>7}")
+              f"{'eval ms':>8}{'BN ev':>7}{'r_wall':>7}{'r_cpu':>7}{'saved/BN':>9}")
     print(header)
     print("-" * len(header))
     for shape_name, shape in shapes.items():
@@ -203,7 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for mode in modes:
                     if mode == "compile" and not (args.compile_all or shape_name == first):
                         continue
-                    lp_functional.set_compile(mode == "compile")
+                    _compile.set_compile(mode == "compile")
                     for lname, factory in factories.items():
                         if mode == "compile" and lname == "Kalman":
                             continue
@@ -223,22 +245,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             rows.append(row)
                             continue
                         row.update({"train": tr, "eval": ev, "floor_ms": floor_ms,
-                                    "train_x_floor": tr["cpu_ms"] / floor_ms})
+                                    "train_x_floor": tr["cpu_ms"] / floor_ms,
+                                    "saved_bytes": saved_bytes(layer, x),
+                                    "bn_saved_bytes": saved_bytes(bn, x)})
                         rows.append(row)
                         print(f"{lname:<10}{mode:<8}{dname:<5}{layout:<7}{shape_name:<14}"
                               f"{tr['wall_ms']:9.2f}{tr['ref_wall_ms']:8.2f}"
                               f"{tr['ratio_wall']:7.2f}{tr['ratio_cpu']:7.2f}"
                               f"{tr['cpu_ms'] / floor_ms:7.1f}"
                               f"{ev['wall_ms']:8.2f}{ev['ref_wall_ms']:7.2f}"
-                              f"{ev['ratio_wall']:7.2f}{ev['ratio_cpu']:7.2f}")
-    lp_functional.set_compile(False)
+                              f"{ev['ratio_wall']:7.2f}{ev['ratio_cpu']:7.2f}"
+                              f"{row['saved_bytes'] / row['bn_saved_bytes']:9.4f}")
+    _compile.set_compile(False)
     return {"machine": machine(), "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
             "malloc_keep_heap": "MALLOC_TRIM_THRESHOLD_" in os.environ,
             "copy_bandwidth_gbs": bw, "floor_passes": PASSES_FLOOR,
+            "tile_bytes": _layout.TILE_BYTES,
             "reps": reps, "rows": rows,
             "notes": "ratio = layer time / nn.BatchNorm time, interleaved per repetition, "
                      "median of per-rep ratios, on the wall and the process-CPU clock; xfloor = "
-                     "CPU ms / floor; compile rows exclude compile time (warm-up)"}
+                     "CPU ms / floor; compile rows exclude compile time (warm-up); saved_bytes = "
+                     "bytes saved for backward by one train forward (unique storages, "
+                     "saved_tensors_hooks), bn_saved_bytes the same for nn.BatchNorm",
+            "load_average_start_end": [load_start, os.getloadavg()]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="re-run with glibc malloc keeping freed memory (no page faults)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--tile-mb", type=float, default=None,
+                        help="batch-tile size of the L1 passes in MiB (0: no tiling; default "
+                             f"{_layout.TILE_BYTES / 2**20:g})")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default benchmarks/results/layers[_thp].json)")
     args = parser.parse_args(argv)
@@ -269,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tile_mb is not None:
+        _layout.TILE_BYTES = int(args.tile_mb * 2**20) if args.tile_mb > 0 else 2**62
     doc = run(args)
     if args.out is None:
         name = "layers" + ("_thp" if args.thp else "") + ("_keepheap" if args.keep_heap else "")

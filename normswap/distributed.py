@@ -18,7 +18,7 @@ its hooks and attributes, so ``state_dict`` keys and values are unchanged.
 
 Only the exact normswap classes (``L1BatchNorm``, ``LinfBatchNorm``, ``KalmanBatchNorm`` and their
 1d/2d/3d variants) are converted. A user subclass may add behaviour the sync layer would lose
-(REFERENCE section 8), so it is left alone and a warning names it.
+(docs/layers.md, "Synchronised layers"), so it is left alone and a warning names it.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from .norms.sync import (
     SyncKalmanBatchNorm,
     SyncL1BatchNorm,
     SyncLinfBatchNorm,
-    _SyncMixin,
+    SyncNormMixin,
     sync_active,
 )
 
@@ -60,7 +60,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_TO_SYNC: dict[type[nn.Module], type[_SyncMixin]] = {
+_TO_SYNC: dict[type[nn.Module], type[SyncNormMixin]] = {
     **{c: SyncL1BatchNorm for c in (L1BatchNorm, L1BatchNorm1d, L1BatchNorm2d, L1BatchNorm3d)},
     **{c: SyncLinfBatchNorm
        for c in (LinfBatchNorm, LinfBatchNorm1d, LinfBatchNorm2d, LinfBatchNorm3d)},
@@ -73,7 +73,7 @@ _SOURCE_ATTR = "_normswap_source_cls"
 
 def is_sync_layer(module: nn.Module) -> bool:
     """Whether ``module`` is one of the normswap sync layers."""
-    return isinstance(module, _SyncMixin)
+    return isinstance(module, SyncNormMixin)
 
 
 def convert_sync(model: nn.Module, process_group: Any | None = None, *,
@@ -109,7 +109,7 @@ def _convert(module: nn.Module, group: Any | None, batchnorm: bool,
     if sync_cls is not None:
         counts["normswap"] += 1
         return sync_cls.from_module(module, group)
-    if isinstance(module, _SyncMixin):
+    if isinstance(module, SyncNormMixin):
         module.process_group = group
         return module
     if isinstance(module, _BASES):
@@ -157,7 +157,7 @@ def revert_sync(model: nn.Module, *, batchnorm: bool = False) -> nn.Module:
 
 def _revert(module: nn.Module, batchnorm: bool, counts: dict[str, int]) -> nn.Module:
     """Recursive worker of :func:`revert_sync`."""
-    if isinstance(module, _SyncMixin):
+    if isinstance(module, SyncNormMixin):
         counts["normswap"] += 1
         return module.to_module()
     if batchnorm and isinstance(module, nn.SyncBatchNorm):

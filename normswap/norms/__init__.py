@@ -1,6 +1,9 @@
 """normswap's layers: one file per family."""
 
 from .affine import ChannelAffine
+from ._common import InvalidBatchNormError
+from ._compile import compile_enabled, set_compile
+from .base import BatchStatNorm
 from .kalman import (
     KalmanBatchNorm,
     KalmanBatchNorm1d,
@@ -32,7 +35,7 @@ from .normprop import (
 from .sync import SyncKalmanBatchNorm, SyncL1BatchNorm, SyncLinfBatchNorm
 
 __all__ = [
-    "ChannelAffine",
+    "BatchStatNorm", "ChannelAffine", "InvalidBatchNormError", "set_compile", "compile_enabled",
     "KalmanBatchNorm", "KalmanBatchNorm1d", "KalmanBatchNorm2d", "KalmanBatchNorm3d",
     "kalman_from_batchnorm", "set_kalman_gain",
     "L1BatchNorm", "L1BatchNorm1d", "L1BatchNorm2d", "L1BatchNorm3d",

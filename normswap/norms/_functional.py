@@ -1,371 +1,112 @@
-"""Train-mode L1 and L-inf/top-k batch normalisation with closed-form backward.
+"""Train-mode L1 and L-inf/top-k batch normalisation: autograd Functions with closed-form backward.
 
-Math (per channel c over the n = N * prod(spatial) elements; d = x - mu, mu the batch mean):
+Per channel over the n = N * prod(spatial) elements (d = x - mu, mu the batch mean), both layers
+compute ``y = d / s * weight + bias`` with a scale ``s = c * sum_{j in J} |d_j| + eps``:
 
-* L1:    ``s = C_L1 * mean|d| + eps``, ``C_L1 = sqrt(pi/2)``.
-* L-inf: ``s = C(n) * mean(top-k |d|) + eps``, ``C(n) = 0.5*(1+sqrt(pi*ln 4))/sqrt(2*ln n)``;
-  ``k`` is clamped to ``n``.
+* L1:    J = all n elements, ``c = C_L1 / n``, ``C_L1 = sqrt(pi/2)``;
+* L-inf: J = the k largest ``|d|``, ``c = C(n) / k``, ``C(n) = 0.5*(1+sqrt(pi*ln 4))/sqrt(2*ln n)``.
 
-Output ``y = d / s * weight + bias``. ``eps`` is *added* to the scale in train mode (as BN adds
-it to the variance); eval layers use their stored scale as is.
+So one backward serves both (docs/layers.md, "Backward"): with ``g = weight * grad_out``,
+``S = sum(g * d / s)`` and ``sign_J(d_j) = sign(d_j)`` for j in J (else 0),
 
-Backward (REFERENCE section 9), with ``g = weight * grad_out``, ``ybar = d / s``,
-``S = sum(g * ybar)``:
+    dx = alpha * grad_out + beta - kappa * sign_J(d),   alpha = weight / s,
+    kappa = c * S / s,   beta = -alpha * mean(grad_out) + kappa * sum_J sign(d) / n,
 
-* L1:    ``dx = [(g - mean g) - C_L1 * (S/n) * (sign d - mean sign d)] / s``
-* L-inf: ``dx = [(g - mean g) - (C(n)/k) * S * (sign(d_j) [j in K] - sum_K sign(d) / n)] / s``
-  (the scale's gradient reaches only the k selected elements K).
-* ``grad_weight = sum(grad_out * ybar)``, ``grad_bias = sum(grad_out)``.
+computed by :func:`scale_backward_coefficients`; ``grad_weight = sum(grad_out * d) / s``,
+``grad_bias = sum(grad_out)``. No squares and no ``1/s**2`` of tiny numbers appear, so float16
+stays finite where autograd's backward of the same formula overflows.
 
-Everything accumulates in float32 (float64 for float64 inputs); outputs keep the input dtype,
-so pure fp16 tensors of magnitude ~1e3 stay finite (no squares anywhere).
-
-Speed (see benchmarks/bench_layers.py). Eager mode builds each pass from single fused aten
-kernels: per-channel sums of ``g`` and ``g*(x - mu)`` come from one call of BatchNorm's native
-eval-mode backward, affine maps ``x*a + b`` from its native eval forward, and temporaries are
-reused as outputs (a fresh 25 MB buffer costs ~6k page faults on glibc, more than a pass). L1
-saves ``sign(x - mu)`` as int8 (1 byte/element) for its backward. With :func:`set_compile` (or
-``NORMSWAP_COMPILE=1``) the passes run as ``torch.compile``d (Inductor) kernels instead: about
-3 reads + 1 write forward for L1, 2 + 1 for L-inf, and 2 reads + 1 write backward, with no
-temporaries. A kernel that fails to compile logs one warning and runs eagerly from then on.
-
-The top-k selection is exact without ranking all n elements: one reduction gives every group's
-(spatial position's, or batch row's) max and min; the k largest ``|d|`` always lie in the k
-groups with the largest extreme ``|d|``, so only those k groups are gathered and ranked. For
-k = 1 this is an argmax over the (C, H*W) table of group extrema.
+Statistics come from this process's batch (``reducer=None``) or from a process group (a
+:class:`~normswap.norms._reduce.ProcessGroupReducer`: the sync layers). Eager passes are the
+native-kernel passes of :mod:`._kernels`: the forward allocates only its output (the sign of
+``d`` is staged in it), saves only ``x`` and per-channel vectors for the backward (the sign is
+recomputed there), and the backward allocates only ``dx`` (float32/64). The opt-in compiled
+passes are in :mod:`._compile`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import _compile as compiled
 from ._common import stats_dtype
+from ._kernels import (
+    HALF_DTYPES,
+    channel_affine,
+    channel_mean,
+    channel_sums,
+    deviation_sign,
+    sign_scale,
+)
+from ._layout import (
+    as_channel_view,
+    batch_tiles,
+    channel_broadcast,
+    channel_view,
+    dense,
+    from_channel_view,
+    like_layout,
+    view_batch_and_positions,
+    view_broadcast,
+    view_index,
+)
+from ._reduce import ProcessGroupReducer
+from ._topk import full_topk, group_extrema, grouping, select_topk
 
 __all__ = [
     "C_L1",
     "linf_constant",
     "l1_batch_norm",
     "linf_batch_norm",
-    "l1_reference",
-    "linf_reference",
-    "set_compile",
-    "compile_enabled",
-    "topk_abs_deviation",
+    "l1_batch_norm_reduced",
+    "linf_batch_norm_reduced",
+    "scale_backward_coefficients",
 ]
 
-logger = logging.getLogger(__name__)
-
 C_L1: float = math.sqrt(math.pi / 2.0)
-_LINF_NUM: float = 0.5 * (1.0 + math.sqrt(math.pi * math.log(4.0)))
+"""``sqrt(pi/2)``: for Gaussian data ``C_L1 * E|x - mu| = sigma``."""
+_LINF_NUMERATOR: float = 0.5 * (1.0 + math.sqrt(math.pi * math.log(4.0)))
 
 
 def linf_constant(n: int) -> float:
     """``C(n) = 0.5*(1 + sqrt(pi*ln 4)) / sqrt(2*ln n)`` for n >= 2 elements per channel."""
     if n < 2:
         raise ValueError(f"linf_constant: need n >= 2 elements per channel, got {n}")
-    return _LINF_NUM / math.sqrt(2.0 * math.log(n))
+    return _LINF_NUMERATOR / math.sqrt(2.0 * math.log(n))
 
 
-# ---------------------------------------------------------------------------------------------
-# compile switch
-# ---------------------------------------------------------------------------------------------
-_COMPILE: bool = os.environ.get("NORMSWAP_COMPILE", "0").lower() in ("1", "true", "yes", "on")
-_COMPILED: dict[str, Callable[..., Any]] = {}
-_FAILED: set[str] = set()
-
-
-def set_compile(enabled: bool = True) -> None:
-    """Turn the ``torch.compile`` fast path of the L1/L-inf layers on or off (process-wide).
-
-    Off by default (also settable with ``NORMSWAP_COMPILE=1``). The first call with a new
-    shape pays Inductor's compile time (seconds); a kernel that fails to compile falls back to
-    the eager kernels with one warning. Float64 inputs always run eager.
+def scale_backward_coefficients(sum_g: Tensor, sum_gd: Tensor, sign_sum: Tensor, s: Tensor,
+                                weight: Tensor, n: int, c: float
+                                ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(alpha, beta, kappa)`` with ``dx = alpha*grad_out + beta - kappa*sign_J(x - mu)``.
 
     Args:
-        enabled: True to use compiled kernels.
+        sum_g: ``sum(grad_out)`` per channel (over the whole, possibly global, batch).
+        sum_gd: ``sum(grad_out * (x - mu))`` per channel (same batch).
+        sign_sum: ``sum_{j in J} sign(x_j - mu)`` per channel.
+        s: the scale ``c * sum_J |d| + eps``.
+        weight: gamma (ones without affine).
+        n: elements per channel.
+        c: ``C_L1 / n`` (L1) or ``C(n) / k`` (L-inf).
+
+    Returns:
+        Three (C,) tensors.
     """
-    global _COMPILE
-    _COMPILE = bool(enabled)
-
-
-def compile_enabled() -> bool:
-    """Whether the ``torch.compile`` fast path is on."""
-    return _COMPILE
-
-
-def _call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run kernel ``fn`` compiled (when enabled and working), else eagerly (same math)."""
-    if not _COMPILE or name in _FAILED or torch.compiler.is_compiling():
-        return fn(*args)
-    compiled = _COMPILED.get(name)
-    if compiled is None:
-        compiled = torch.compile(fn, dynamic=None)
-        _COMPILED[name] = compiled
-    try:
-        with _dynamo_limits():
-            return compiled(*args)
-    except Exception as exc:  # noqa: BLE001 - any compiler failure must fall back, not break
-        _FAILED.add(name)
-        logger.warning("normswap: torch.compile of kernel %r failed (%s: %s); using the eager "
-                       "kernel from now on", name, type(exc).__name__, exc)
-        return fn(*args)
-
-
-def _dynamo_limits() -> Any:
-    """A context raising dynamo's per-function recompile limit (one graph per dtype/layout/rank)."""
-    import torch._dynamo.config as dynamo_config
-
-    return dynamo_config.patch(recompile_limit=_RECOMPILE_LIMIT)
-
-
-_RECOMPILE_LIMIT = 64
-
-
-def _fused_active(x: Tensor) -> bool:
-    """Whether the compiled kernels are in use for this input."""
-    return _COMPILE and x.dtype != torch.float64 and not torch.compiler.is_compiling()
-
-
-# ---------------------------------------------------------------------------------------------
-# working views: x (N, C, *) as xw (N, C, R) with cdim=1, or (N, R, C) with cdim=2 when the
-# channels are innermost (channels_last), so per-channel reductions run over the outer dims
-# ---------------------------------------------------------------------------------------------
-def _work(x: Tensor) -> tuple[Tensor, int]:
-    """(xw, cdim) for x: a view whenever the strides allow."""
-    N, C = x.shape[0], x.shape[1]
-    if x.stride(1) == 1 and C > 1:
-        xt = x.movedim(1, -1)
-        if xt.is_contiguous():
-            return xt.reshape(N, -1, C), 2
-    return (x.unsqueeze(2) if x.dim() == 2 else x.flatten(2)), 1
-
-
-def _work_as(t: Tensor, cdim: int) -> Tensor:
-    """t (N, C, *) in the working shape for ``cdim`` (copying only if the strides forbid a view)."""
-    N, C = t.shape[0], t.shape[1]
-    if cdim == 1:
-        return t.unsqueeze(2) if t.dim() == 2 else t.flatten(2)
-    return t.movedim(1, -1).reshape(N, -1, C)
-
-
-def _unwork(tw: Tensor, like: Tensor, cdim: int) -> Tensor:
-    """Back from the working shape to ``like``'s shape (N, C, *)."""
-    if cdim == 1:
-        return tw.reshape(like.shape)
-    N, C = like.shape[0], like.shape[1]
-    return tw.reshape((N,) + tuple(like.shape[2:]) + (C,)).movedim(-1, 1)
-
-
-def _cb(v: Tensor, x: Tensor) -> Tensor:
-    """A per-channel vector (C,) shaped to broadcast against x (N, C, *)."""
-    return v.reshape((v.shape[0],) + (1,) * (x.dim() - 2))
-
-
-def _rd(cdim: int) -> tuple[int, int]:
-    """The reduction dims of the working view."""
-    return (0, 2) if cdim == 1 else (0, 1)
-
-
-def _pc(v: Tensor, cdim: int) -> Tensor:
-    """A per-channel vector (C,) shaped to broadcast against the working view."""
-    return v.unsqueeze(1) if cdim == 1 else v
-
-
-def _nr(xw: Tensor, cdim: int) -> tuple[int, int]:
-    """(N, R) of the working view."""
-    return xw.shape[0], xw.shape[2] if cdim == 1 else xw.shape[1]
-
-
-def _index(cdim: int, n: Tensor, c: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Advanced-index tuple of elements (n, c, r) in the working view."""
-    return (n, c, r) if cdim == 1 else (n, r, c)
-
-
-def _like_layout(g: Tensor, x: Tensor) -> Tensor:
-    """``g`` with x's strides (so views and compiled kernels see one layout), copying if needed."""
-    if g.stride() == x.stride():
-        return g
-    return torch.empty_like(x, dtype=g.dtype).copy_(g)  # x's strides if dense, else contiguous
-
-
-# ---------------------------------------------------------------------------------------------
-# kernels. *_fused are written for Inductor (one pass each where possible) and also run eagerly
-# as the fallback; *_native use single fused aten kernels on the original (N, C, *) tensors.
-# ---------------------------------------------------------------------------------------------
-def _l1_stats_fused(xw: Tensor, cdim: int) -> tuple[Tensor, Tensor]:
-    """(mean, sum|x - mean|) per channel."""
-    xf = xw.to(stats_dtype(xw.dtype))
-    mu = xf.mean(_rd(cdim))
-    return mu, (xf - _pc(mu, cdim)).abs().sum(_rd(cdim))
-
-
-def _group_minmax(xw: Tensor, cdim: int, over_batch: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean, group max, group min), groups as (C, G): G = N rows or G = R positions."""
-    mu = xw.mean(_rd(cdim), dtype=stats_dtype(xw.dtype))
-    if over_batch:
-        rdim = 2 if cdim == 1 else 1
-        return mu, xw.amax(rdim).t(), xw.amin(rdim).t()
-    gmax, gmin = xw.amax(0), xw.amin(0)
-    return (mu, gmax, gmin) if cdim == 1 else (mu, gmax.t(), gmin.t())
-
-
-def _affine_fused(xw: Tensor, cdim: int, mu: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``(x - mu) * a + b`` in the input dtype."""
-    y = (xw.to(mu.dtype) - _pc(mu, cdim)) * _pc(a, cdim) + _pc(b, cdim)
-    return y.to(xw.dtype)
-
-
-def _affine_native(x: Tensor, mu: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``(x - mu) * a + b`` in x's dtype: one pass of the native eval BatchNorm kernel."""
-    return torch.nn.functional.batch_norm(x, mu, torch.ones_like(mu), a, b, False, 0.0, 0.0)
-
-
-def _scale_shift_fused(gw: Tensor, cdim: int, alpha: Tensor, beta: Tensor,
-                       out_dtype: torch.dtype) -> Tensor:
-    """``g * alpha + beta`` in ``out_dtype``."""
-    return (gw.to(alpha.dtype) * _pc(alpha, cdim) + _pc(beta, cdim)).to(out_dtype)
-
-
-def _scale_shift_native(g: Tensor, alpha: Tensor, beta: Tensor, out_dtype: torch.dtype
-                        ) -> Tensor:
-    """``g * alpha + beta`` in ``out_dtype``: one pass of the native eval BatchNorm kernel."""
-    zeros = torch.zeros_like(alpha)
-    out = torch.nn.functional.batch_norm(g, zeros, torch.ones_like(alpha), alpha, beta, False,
-                                         0.0, 0.0)
-    return out.to(out_dtype)
-
-
-def _sums_g_gd_fused(gw: Tensor, xw: Tensor, cdim: int, mu: Tensor) -> tuple[Tensor, Tensor]:
-    """(sum g, sum g*(x - mu)) per channel."""
-    gf = gw.to(mu.dtype)
-    d = xw.to(mu.dtype) - _pc(mu, cdim)
-    return gf.sum(_rd(cdim)), (gf * d).sum(_rd(cdim))
-
-
-def _sums_g_gd_native(g: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
-    """(sum g, sum g*(x - mu)) per channel: one pass of BN's native eval-mode backward."""
-    ones = torch.ones_like(mu)
-    _, sum_gd, sum_g = torch.ops.aten.native_batch_norm_backward(
-        g, x, ones, mu, ones, None, None, False, 0.0, [False, True, True])
-    return sum_g, sum_gd
-
-
-def _l1_sums_fused(gw: Tensor, xw: Tensor, cdim: int, mu: Tensor
-                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """(sum g, sum g*d, sum sign d) per channel."""
-    gf = gw.to(mu.dtype)
-    d = xw.to(mu.dtype) - _pc(mu, cdim)
-    rd = _rd(cdim)
-    return gf.sum(rd), (gf * d).sum(rd), torch.sign(d).sum(rd)
-
-
-def _l1_dx_fused(gw: Tensor, xw: Tensor, cdim: int, mu: Tensor, alpha: Tensor, beta: Tensor,
-                 kappa: Tensor) -> Tensor:
-    """``g * alpha + beta - kappa * sign(x - mu)`` in x's dtype."""
-    d = xw.to(mu.dtype) - _pc(mu, cdim)
-    dx = gw.to(mu.dtype) * _pc(alpha, cdim) + _pc(beta, cdim) - _pc(kappa, cdim) * torch.sign(d)
-    return dx.to(xw.dtype)
-
-
-def _l1_coefficients(sum_g: Tensor, sum_gd: Tensor, sum_sign: Tensor, s: Tensor, w: Tensor,
-                     n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """alpha, beta, kappa with ``dx = alpha*grad_out + beta - kappa*sign(d)``."""
-    big_s = w * sum_gd / s                      # sum(g * ybar), g = w * grad_out
-    kappa = (C_L1 / n) * big_s / s
-    alpha = w / s
-    beta = -w * sum_g / (n * s) + kappa * sum_sign / n
+    alpha = weight / s
+    kappa = c * (alpha * sum_gd / s)
+    beta = -alpha * sum_g / n + kappa * sign_sum / n
     return alpha, beta, kappa
 
 
 # ---------------------------------------------------------------------------------------------
-# top-k selection
+# shared pieces
 # ---------------------------------------------------------------------------------------------
-def _topk_full(xw: Tensor, cdim: int, mu: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Reference selection by a full topk: (values (C, k), flat n*R + r indices (C, k))."""
-    N, R = _nr(xw, cdim)
-    C = mu.shape[0]
-    dabs = (xw.to(mu.dtype) - _pc(mu, cdim)).abs()
-    per_channel = dabs.transpose(0, 1) if cdim == 1 else dabs.permute(2, 0, 1)
-    return per_channel.reshape(C, N * R).topk(k, dim=1)
-
-
-def _topk_select(xw: Tensor, cdim: int, mu: Tensor, k: int,
-                 groups: tuple[Tensor, Tensor, bool] | None = None) -> tuple[Tensor, Tensor]:
-    """Exact top-k of |x - mu| from group extrema (see topk_abs_deviation)."""
-    N, R = _nr(xw, cdim)
-    C = mu.shape[0]
-    if groups is None:
-        over_batch = _groups_over_batch(N, R, k)
-        if over_batch is None:
-            return _topk_full(xw, cdim, mu, k)
-        _, gmax, gmin = _group_minmax(xw, cdim, over_batch)
-    else:
-        gmax, gmin, over_batch = groups
-    gabs = torch.maximum(gmax.to(mu.dtype) - mu[:, None], mu[:, None] - gmin.to(mu.dtype))
-    if over_batch:
-        gabs = gabs.contiguous()  # (C, N) from a transposed view; topk is ~3x faster on rows
-    if over_batch and R == 1:  # every group is one element: the groups are the answer
-        return gabs.topk(k, dim=1)
-    top_g = gabs.topk(k, dim=1).indices                      # (C, k) best groups per channel
-    c_i = torch.arange(C, device=xw.device)[:, None]
-    if over_batch:   # groups are batch rows: members (C, k, R)
-        members = xw[top_g, c_i, :] if cdim == 1 else xw[top_g, :, c_i]
-        width = R
-    else:            # groups are positions: members (N, C, k) -> (C, N, k)
-        members = (xw[:, c_i, top_g] if cdim == 1 else xw[:, top_g, c_i]).transpose(0, 1)
-        width = k
-    dabs = (members.to(mu.dtype) - mu[:, None, None]).abs().reshape(C, -1)
-    vals, pos = dabs.topk(k, dim=1)
-    outer, inner = pos // width, pos % width
-    if over_batch:
-        n_i, r_i = top_g.gather(1, outer), inner
-    else:
-        n_i, r_i = outer, top_g.gather(1, inner)
-    return vals, n_i * R + r_i
-
-
-def _groups_over_batch(N: int, R: int, k: int) -> bool | None:
-    """Group choice for the selection: positions (False), batch rows (True) or none (None)."""
-    if R >= k and (R > 1 or N == 1):
-        return False
-    if N >= k:
-        return True
-    return None
-
-
-def topk_abs_deviation(x: Tensor, mu: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Exact per-channel top-k of ``|x - mu|`` without ranking every element.
-
-    Elements are grouped (by spatial position over the batch, or by batch row when there are
-    fewer than k positions); one reduction pass gives each group's max and min. Every one of
-    the k largest ``|d|`` lies in one of the k groups with the largest extreme ``|d|`` (a group
-    outside them has its maximum below the k-th group maximum, itself attained by k distinct
-    elements), so only those k groups are gathered and ranked. No full-size temporary, no sort.
-
-    Args:
-        x: input (N, C, *).
-        mu: per-channel mean (C,) in the accumulation dtype.
-        k: 1 <= k <= N * R (R = prod of the spatial dims).
-
-    Returns:
-        ``values`` (C, k) of ``|d|`` in mu's dtype, descending, and ``flat`` (C, k) int64 indices
-        into the channel's N*R elements (``n = flat // R``, ``r = flat % R``).
-    """
-    xw, cdim = _work(x)
-    return _topk_select(xw, cdim, mu, k, None)
-
-
-# ---------------------------------------------------------------------------------------------
-# autograd Functions
-# ---------------------------------------------------------------------------------------------
-def _params(x: Tensor, weight: Tensor | None, bias: Tensor | None, acc: torch.dtype
-            ) -> tuple[Tensor, Tensor]:
+def _affine_params(x: Tensor, weight: Tensor | None, bias: Tensor | None, acc: torch.dtype
+                   ) -> tuple[Tensor, Tensor]:
     """weight/bias as (C,) tensors in acc dtype (ones/zeros when None)."""
     C = x.shape[1]
     w = torch.ones(C, dtype=acc, device=x.device) if weight is None else weight.to(acc)
@@ -373,179 +114,184 @@ def _params(x: Tensor, weight: Tensor | None, bias: Tensor | None, acc: torch.dt
     return w, b
 
 
-def _check_n(x: Tensor, who: str) -> int:
-    """n = N * prod(spatial), which must exceed 1 in train mode."""
-    n = x.numel() // x.shape[1] if x.shape[1] else 0
+def _check_n(n: int, x: Tensor, who: str, scope: str = "") -> None:
+    """n elements per channel must exceed 1 in train mode."""
     if n < 2:
-        raise ValueError(f"{who}: expected more than 1 value per channel when training, got "
-                         f"input of shape {tuple(x.shape)}; use eval mode or a larger batch")
-    return n
+        raise ValueError(f"{who}: expected more than 1 value per channel{scope} when training, "
+                         f"got {n} (input of shape {tuple(x.shape)}); use eval mode or a larger "
+                         "batch")
 
 
-def _param_grads(weight: Tensor | None, bias: Tensor | None, sum_g: Tensor, sum_gd: Tensor,
-                 s: Tensor, needs: tuple[bool, ...]) -> tuple[Tensor | None, Tensor | None]:
-    """grad_weight = sum(grad_out * d)/s, grad_bias = sum(grad_out), in the params' dtypes."""
-    gw = (sum_gd / s).to(weight.dtype) if weight is not None and needs[1] else None
-    gb = sum_g.to(bias.dtype) if bias is not None and needs[2] else None
+def _global_mean(x: Tensor, acc: torch.dtype, reducer: ProcessGroupReducer, who: str
+                 ) -> tuple[Tensor, int]:
+    """(mean of the global batch in ``acc``, global elements per channel): one all-reduce."""
+    C = x.shape[1]
+    n_local = x.numel() // C
+    local = torch.cat([x.sum([0, *range(2, x.dim())], dtype=acc).to(torch.float64),
+                       torch.tensor([float(n_local)], dtype=torch.float64, device=x.device)])
+    total = reducer.sum(local)
+    n = int(round(float(total[C])))
+    _check_n(n, x, who, " in the global batch")
+    return (total[:C] / n).to(acc), n
+
+
+def _param_grads(ctx: Any, sum_g: Tensor, sum_gd: Tensor, s: Tensor
+                 ) -> tuple[Tensor | None, Tensor | None]:
+    """grad_weight = sum(grad_out * d) / s, grad_bias = sum(grad_out) (this process's batch)."""
+    gw = (sum_gd / s).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+    gb = sum_g.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
     return gw, gb
+
+
+def _remember_params(ctx: Any, weight: Tensor | None, bias: Tensor | None) -> None:
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _gradient_sums(g: Tensor, x: Tensor, mu: Tensor, use_compiled: bool
+                   ) -> tuple[Tensor, Tensor]:
+    """(sum g, sum g*(x - mu)) per channel on this process's batch."""
+    if use_compiled:
+        xw, cdim = channel_view(x)
+        return compiled.run_kernel("gradient_sums", compiled.gradient_sums,
+                                   as_channel_view(g, cdim), xw, cdim, mu)
+    return channel_sums(g, x, mu)
 
 
 def _own(y: Tensor) -> Tensor:
     """A Function's output must not be a view (in-place ops on it would be refused): copy the
-    rare views that the layout helpers could not avoid."""
+    rare views the compiled path's layout handling could not avoid."""
     return y.clone(memory_format=torch.preserve_format) if y._is_view() else y
 
 
+# ---------------------------------------------------------------------------------------------
+# L1
+# ---------------------------------------------------------------------------------------------
 class _L1BatchNormFn(torch.autograd.Function):
-    """L1 batch norm: forward returns (y, mu, s_raw); backward in closed form."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        n = _check_n(x, "L1BatchNorm")
-        xw, cdim = _work(x)
-        acc = stats_dtype(x.dtype)
-        w, b = _params(x, weight, bias, acc)
-        if _fused_active(x):
-            mu, sum_abs = _call("l1_stats", _l1_stats_fused, xw, cdim)
-            s_raw = sum_abs * (C_L1 / n)
-            s = s_raw + eps
-            y = _unwork(_call("affine", _affine_fused, xw, cdim, mu, w / s, b), x, cdim)
-        else:
-            mu = xw.mean(_rd(cdim), dtype=acc)
-            mu_b = _pc(mu, cdim)
-            if x.dtype == acc:  # fp32/fp64: x - mu is exact in sign (Sterbenz), sign it in place
-                # the buffer is allocated in x's layout so that the output returned below is a
-                # base tensor, not a view (in-place ops after the layer, e.g. ReLU(inplace=True),
-                # are forbidden on views created inside a custom Function)
-                out = torch.empty_like(x)
-                ow, ocdim = _work(out)
-                if ocdim != cdim or ow.shape != xw.shape or ow.data_ptr() != out.data_ptr():
-                    ow = None
-                sgn = (torch.sub(xw, mu_b) if ow is None else torch.sub(xw, mu_b, out=ow)).sign_()
-            else:               # fp16/bf16: compare in fp32 (a rounded difference can underflow)
-                sgn = torch.gt(xw, mu_b).to(x.dtype).add_(torch.lt(xw, mu_b), alpha=-1)
-            sum_sign, sum_abs = _sums_g_gd_native(_unwork(sgn, x, cdim), x, mu)
-            s_raw = sum_abs * (C_L1 / n)
-            s = s_raw + eps
-            ctx.sum_sign = sum_sign
-            if x.dtype == acc:  # keep 1 byte/element and reuse the buffer as the output
-                ctx.sign = _unwork(sgn.to(torch.int8), x, cdim)
-                yw = torch.sub(xw, _pc(mu, cdim), out=sgn)
-                yw.mul_(_pc(w / s, cdim)).add_(_pc(b, cdim))
-                y = out if ow is not None else _unwork(yw, x, cdim)
-            else:               # fp16/bf16: the sign in x's dtype keeps backward on fast kernels
-                ctx.sign = _unwork(sgn, x, cdim)
-                y = _affine_native(x, mu, w / s, b)
-        ctx.save_for_backward(x, weight, bias, mu, s)
-        ctx.mark_non_differentiable(mu, s_raw)
-        return _own(y), mu, s_raw
-
-    @staticmethod
-    def backward(ctx: Any, grad_y: Tensor, _gm: Any, _gs: Any
-                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        x, weight, bias, mu, s = ctx.saved_tensors
-        n = x.numel() // x.shape[1]
-        xw, cdim = _work(x)
-        w, _ = _params(x, weight, None, mu.dtype)
-        grad_y = _like_layout(grad_y, x)  # one layout: native CPU kernels lose bf16 precision
-        if _fused_active(x):                # on mixed layouts, compiled ones recompile
-            gw = _work_as(grad_y, cdim)
-            sum_g, sum_gd, sum_sign = _call("l1_sums", _l1_sums_fused, gw, xw, cdim, mu)
-            alpha, beta, kappa = _l1_coefficients(sum_g, sum_gd, sum_sign, s, w, n)
-            dxw = _call("l1_dx", _l1_dx_fused, gw, xw, cdim, mu, alpha, beta, kappa)
-        else:
-            sum_g, sum_gd = _sums_g_gd_native(grad_y, x, mu)
-            alpha, beta, kappa = _l1_coefficients(sum_g, sum_gd, ctx.sum_sign, s, w, n)
-            dx = _scale_shift_native(grad_y, alpha, beta, x.dtype)
-            neg_kappa = -kappa if ctx.sign.dtype == torch.int8 else (-kappa).to(x.dtype)
-            dx = dx.addcmul_(ctx.sign, _cb(neg_kappa, x))
-            dxw = _work_as(dx, cdim)
-        gwt, gbt = _param_grads(weight, bias, sum_g, sum_gd, s, ctx.needs_input_grad)
-        dx = _unwork(dxw, x, cdim) if ctx.needs_input_grad[0] else None
-        return dx, gwt, gbt, None
-
-
-class _LinfBatchNormFn(torch.autograd.Function):
-    """L-inf/top-k batch norm: forward returns (y, mu, s_raw); backward in closed form."""
+    """L1 batch norm: forward returns (y, mu, s_raw, n); backward in closed form."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-                k: int, exact_topk: bool) -> tuple[Tensor, Tensor, Tensor]:
-        n = _check_n(x, "LinfBatchNorm")
-        xw, cdim = _work(x)
-        N, R = _nr(xw, cdim)
-        k = max(1, min(int(k), n))
+                reducer: ProcessGroupReducer | None) -> tuple[Tensor, Tensor, Tensor, int]:
+        x = dense(x)
         acc = stats_dtype(x.dtype)
-        fused = _fused_active(x)
-        over_batch = _groups_over_batch(N, R, k)
-        if exact_topk or over_batch is None:  # full topk: reference path, or tiny inputs
-            mu = xw.mean(_rd(cdim), dtype=acc)
-            vals, flat = _topk_full(xw, cdim, mu, k)
+        w, b = _affine_params(x, weight, bias, acc)
+        use_compiled = reducer is None and compiled.compiled_active(x)
+        if use_compiled:
+            n = x.numel() // x.shape[1]
+            _check_n(n, x, "L1BatchNorm")
+            xw, cdim = channel_view(x)
+            mu, sum_abs, sum_sign = compiled.run_kernel("l1_statistics",
+                                                        compiled.l1_statistics, xw, cdim)
+            s_raw = sum_abs * (C_L1 / n)
+            s = s_raw + eps
+            y = _own(from_channel_view(compiled.run_kernel(
+                "affine", compiled.affine, xw, cdim, mu, w / s, b), x, cdim))
         else:
-            if N == 1 and not over_batch:  # each position is its own group: no reduction
-                mu = xw.mean(_rd(cdim), dtype=acc)
-                gmax = gmin = xw[0] if cdim == 1 else xw[0].t()
-            elif R == 1 and over_batch:    # each batch row is its own group
-                mu = xw.mean(_rd(cdim), dtype=acc)
-                gmax = gmin = xw[:, :, 0].t() if cdim == 1 else xw[:, 0, :].t()
-            elif fused:
-                mu, gmax, gmin = _call("group_minmax", _group_minmax, xw, cdim, over_batch)
+            if reducer is None:
+                n = x.numel() // x.shape[1]
+                _check_n(n, x, "L1BatchNorm")
+                mu = channel_mean(x)
             else:
-                mu, gmax, gmin = _group_minmax(xw, cdim, over_batch)
-            vals, flat = _topk_select(xw, cdim, mu, k, (gmax, gmin, over_batch))
-        top_sum = vals.sum(1)
-        s_raw = top_sum * (linf_constant(n) / k)
-        s = s_raw + eps
-        w, b = _params(x, weight, bias, acc)
-        if fused:
-            y = _unwork(_call("affine", _affine_fused, xw, cdim, mu, w / s, b), x, cdim)
-        else:
-            y = _affine_native(x, mu, w / s, b)
-        ctx.k = k
-        ctx.save_for_backward(x, weight, bias, mu, s, flat)
+                mu, n = _global_mean(x, acc, reducer, "L1BatchNorm")
+            y = torch.empty_like(x)
+            sum_sign, sum_abs = _l1_sign_sums(x, mu, y)
+            if reducer is not None:
+                C = x.shape[1]
+                total = reducer.sum(torch.cat([sum_abs, sum_sign])).to(acc)
+                sum_abs, sum_sign = total[:C], total[C:].clone()
+            s_raw = sum_abs * (C_L1 / n)
+            s = s_raw + eps
+            channel_affine(x, mu, w / s, b, out=y)
+        ctx.save_for_backward(x, weight, mu, s, sum_sign)
+        ctx.n, ctx.reducer, ctx.use_compiled = n, reducer, use_compiled
+        _remember_params(ctx, weight, bias)
         ctx.mark_non_differentiable(mu, s_raw)
-        return _own(y), mu, s_raw
+        return y, mu, s_raw, n
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor, _gm: Any, _gs: Any
-                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
-        x, weight, bias, mu, s, flat = ctx.saved_tensors
-        k = ctx.k
-        n = x.numel() // x.shape[1]
-        xw, cdim = _work(x)
-        N, R = _nr(xw, cdim)
-        C = x.shape[1]
-        fused = _fused_active(x)
-        grad_y = _like_layout(grad_y, x)
-        if fused:
-            gw = _work_as(grad_y, cdim)
-            sum_g, sum_gd = _call("sums_g_gd", _sums_g_gd_fused, gw, xw, cdim, mu)
-        else:
-            sum_g, sum_gd = _sums_g_gd_native(grad_y, x, mu)
-        gwt, gbt = _param_grads(weight, bias, sum_g, sum_gd, s, ctx.needs_input_grad)
+    def backward(ctx: Any, grad_y: Tensor, _gm: Any, _gs: Any, _gn: Any
+                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+        x, weight, mu, s, sum_sign = ctx.saved_tensors
+        n, reducer = ctx.n, ctx.reducer
+        g = like_layout(grad_y, x)  # one layout: native CPU kernels lose bf16 precision on
+        sum_g, sum_gd = _gradient_sums(g, x, mu, ctx.use_compiled)  # mixed layouts
+        grad_w, grad_b = _param_grads(ctx, sum_g, sum_gd, s)
         if not ctx.needs_input_grad[0]:
-            return None, gwt, gbt, None, None, None
-        w, _ = _params(x, weight, None, mu.dtype)
-        c_i = torch.arange(C, device=x.device).unsqueeze(1).expand_as(flat)
-        idx = _index(cdim, flat // R, c_i, flat % R)
-        sel_sign = torch.sign(xw[idx].to(mu.dtype) - mu[:, None])
-        coef = (linf_constant(n) / k) * (w * sum_gd / s) / s  # (C(n)/k) * S / s
-        alpha = w / s
-        beta = -w * sum_g / (n * s) + coef * sel_sign.sum(1) / n
-        if fused:
-            dxw = _call("scale_shift", _scale_shift_fused, gw, cdim, alpha, beta, x.dtype)
-        else:
-            dx = _like_layout(_scale_shift_native(grad_y, alpha, beta, x.dtype), x)  # no-op
-            dxw = _work_as(dx, cdim)  # a view, or a copy that _unwork turns back
-        fix = dxw[idx].to(mu.dtype) - coef[:, None] * sel_sign
-        dxw[idx] = fix.to(dxw.dtype)
-        return _unwork(dxw, x, cdim), gwt, gbt, None, None, None
+            return None, grad_w, grad_b, None, None
+        if reducer is not None:
+            C = x.shape[1]
+            total = reducer.sum(torch.cat([sum_g, sum_gd])).to(mu.dtype)
+            sum_g, sum_gd = total[:C], total[C:]
+        w = torch.ones_like(mu) if weight is None else weight.to(mu.dtype)
+        alpha, beta, kappa = scale_backward_coefficients(sum_g, sum_gd, sum_sign, s, w, n,
+                                                         C_L1 / n)
+        if ctx.use_compiled:
+            xw, cdim = channel_view(x)
+            dxw = compiled.run_kernel("l1_input_gradient", compiled.l1_input_gradient,
+                                      as_channel_view(g, cdim), xw, cdim, mu, alpha, beta, kappa)
+            return from_channel_view(dxw, x, cdim), grad_w, grad_b, None, None
+        return _l1_input_gradient(g, x, mu, alpha, beta, kappa), grad_w, grad_b, None, None
 
 
-# ---------------------------------------------------------------------------------------------
-# functional API
-# ---------------------------------------------------------------------------------------------
+def _l1_sign_sums(x: Tensor, mu: Tensor, buffer: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum sign(x - mu), sum |x - mu|)`` per channel.
+
+    Tile by tile over the batch: each tile's sign is staged in a tile-sized scratch buffer and
+    summed while it is in cache, so this reads ``x`` once and writes nothing to memory. Inputs
+    too small to tile stage the sign in ``buffer`` (the output, overwritten afterwards).
+    """
+    scale = sign_scale(mu) if x.dtype in HALF_DTYPES else None
+    tiles = batch_tiles(x)
+    scratch = buffer if len(tiles) == 1 else torch.empty_like(x[tiles[0]])
+    parts = []
+    for tile in tiles:
+        x_t = x[tile]
+        sign_t = scratch[:x_t.shape[0]]
+        deviation_sign(x_t, mu, out=sign_t, scale=scale)
+        parts.append(torch.stack(channel_sums(sign_t, x_t, mu)))
+    sums = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+    return sums[0].clone(), sums[1]  # own storage: the sign sum is saved for backward
+
+
+def _l1_input_gradient(g: Tensor, x: Tensor, mu: Tensor, alpha: Tensor, beta: Tensor,
+                       kappa: Tensor) -> Tensor:
+    """``alpha*g + beta - kappa*sign(x - mu)`` in x's dtype, tile by tile over the batch.
+
+    float32/float64: the sign is staged in ``dx`` (the only full-size allocation). Half: the
+    affine of ``g`` in float32 by the native kernel, the sign term in half through a tile-sized
+    buffer.
+    """
+    dx = torch.empty_like(x)
+    if x.dtype in HALF_DTYPES:
+        scale, neg_kappa = sign_scale(mu), channel_broadcast((-kappa).to(x.dtype), x)
+        tiles = batch_tiles(x)
+        scratch = torch.empty_like(x[tiles[0]])
+        for tile in tiles:
+            x_t, dx_t = x[tile], dx[tile]
+            sign_t = deviation_sign(x_t, mu, out=scratch[:x_t.shape[0]], scale=scale)
+            channel_affine(g[tile], None, alpha, beta, out=dx_t)
+            dx_t.addcmul_(sign_t, neg_kappa)
+        return dx
+    neg_kappa, beta_b = channel_broadcast(-kappa, x), channel_broadcast(beta, x)
+    alpha_b = channel_broadcast(alpha, x)
+    for tile in batch_tiles(x):
+        dx_t = deviation_sign(x[tile], mu, out=dx[tile])
+        dx_t.mul_(neg_kappa).add_(beta_b).addcmul_(g[tile], alpha_b)
+    return dx
+
+
+def l1_batch_norm_reduced(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                          reducer: ProcessGroupReducer | None
+                          ) -> tuple[Tensor, Tensor, Tensor, int]:
+    """:func:`l1_batch_norm` with statistics from ``reducer`` (None: this batch); also returns n.
+
+    Returns:
+        ``(y, mu, s_raw, n)`` with n the (global) element count per channel.
+    """
+    return _L1BatchNormFn.apply(x, weight, bias, float(eps), reducer)
+
+
 def l1_batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
                   eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
     """Train-mode L1 batch norm of ``x`` (N, C, *) with batch statistics.
@@ -557,10 +303,174 @@ def l1_batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None =
         eps: added to the scale.
 
     Returns:
-        ``(y, mu, s_raw)``: output in x's dtype, batch mean and ``C_L1 * mean|x - mu|`` (both
-        (C,) float32, float64 for float64 inputs; not differentiable).
+        ``(y, mu, s_raw)``: output in x's dtype (differentiable in x, weight, bias), batch mean
+        and ``C_L1 * mean|x - mu|`` (both (C,) float32, float64 for float64 inputs; not
+        differentiable).
     """
-    return _L1BatchNormFn.apply(x, weight, bias, float(eps))
+    y, mu, s_raw, _ = _L1BatchNormFn.apply(x, weight, bias, float(eps), None)
+    return y, mu, s_raw
+
+
+# ---------------------------------------------------------------------------------------------
+# L-inf / top-k
+# ---------------------------------------------------------------------------------------------
+def _local_selection(x: Tensor, mu: Tensor | None, k: int, exact: bool, use_compiled: bool
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """(mu, values (C, k), flat n*R + r indices (C, k)) of this batch's top-k of ``|x - mu|``
+    (``mu`` None: the batch mean, computed in the same pass as the group extrema)."""
+    xw, cdim = channel_view(x)
+    N, R = view_batch_and_positions(xw, cdim)
+    by_rows = grouping(N, R, k)
+    if exact or by_rows is None:  # full topk: reference path, or tiny inputs
+        mu = channel_mean(x) if mu is None else mu
+        vals, flat = full_topk(xw, cdim, mu, k)
+        return mu, vals, flat
+    if N == 1 and not by_rows:   # each position is its own group: no reduction
+        gmax = gmin = xw[0] if cdim == 1 else xw[0].t()
+    elif R == 1 and by_rows:     # each batch row is its own group
+        gmax = gmin = xw[:, :, 0].t() if cdim == 1 else xw[:, 0, :].t()
+    else:
+        batch_mu, gmax, gmin = (
+            compiled.run_kernel("group_extrema", group_extrema, xw, cdim, by_rows)
+            if use_compiled else group_extrema(xw, cdim, by_rows))
+        mu = batch_mu if mu is None else mu
+    mu = channel_mean(x) if mu is None else mu
+    vals, flat = select_topk(xw, cdim, mu, k, (gmax, gmin, by_rows))
+    return mu, vals, flat
+
+
+def _index_dtype(x: Tensor) -> torch.dtype:
+    """int32 for the saved selection when every flat index fits, else int64."""
+    return torch.int32 if x.numel() < 2 ** 31 else torch.int64
+
+
+class _LinfBatchNormFn(torch.autograd.Function):
+    """L-inf/top-k batch norm: forward returns (y, mu, s_raw, n); backward in closed form."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                k: int, exact_topk: bool, reducer: ProcessGroupReducer | None
+                ) -> tuple[Tensor, Tensor, Tensor, int]:
+        x = dense(x)
+        C = x.shape[1]
+        acc = stats_dtype(x.dtype)
+        use_compiled = reducer is None and compiled.compiled_active(x)
+        n_local = x.numel() // C
+        if reducer is None:
+            n = n_local
+            _check_n(n, x, "LinfBatchNorm")
+            k = max(1, min(int(k), n))
+            mu, vals, flat = _local_selection(x, None, k, exact_topk, use_compiled)
+            top_sum = vals.sum(1)
+            index = (torch.arange(C, device=x.device)[:, None] * n + flat).reshape(-1)
+            sign_sum = None
+        else:
+            mu, n = _global_mean(x, acc, reducer, "LinfBatchNorm")
+            k = max(1, min(int(k), n))
+            top_sum, index, sign_sum = _global_selection(x, mu, k, exact_topk, reducer)
+        s_raw = top_sum * (linf_constant(n) / k)
+        s = s_raw + eps
+        w, b = _affine_params(x, weight, bias, acc)
+        if use_compiled:
+            xw, cdim = channel_view(x)
+            y = _own(from_channel_view(compiled.run_kernel(
+                "affine", compiled.affine, xw, cdim, mu, w / s, b), x, cdim))
+        else:
+            y = channel_affine(x, mu, w / s, b)
+        saved = [x, weight, mu, s, index.to(_index_dtype(x))]
+        if sign_sum is not None:
+            saved.append(sign_sum)
+        ctx.save_for_backward(*saved)
+        ctx.n, ctx.k, ctx.reducer, ctx.use_compiled = n, k, reducer, use_compiled
+        _remember_params(ctx, weight, bias)
+        ctx.mark_non_differentiable(mu, s_raw)
+        return y, mu, s_raw, n
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor, _gm: Any, _gs: Any, _gn: Any
+                 ) -> tuple[Tensor | None, ...]:
+        x, weight, mu, s, index, *rest = ctx.saved_tensors
+        n, k, reducer = ctx.n, ctx.k, ctx.reducer
+        nones = (None,) * 4
+        g = like_layout(grad_y, x)
+        sum_g, sum_gd = _gradient_sums(g, x, mu, ctx.use_compiled)
+        grad_w, grad_b = _param_grads(ctx, sum_g, sum_gd, s)
+        if not ctx.needs_input_grad[0]:
+            return (None, grad_w, grad_b) + nones
+        C = x.shape[1]
+        if reducer is not None:
+            total = reducer.sum(torch.cat([sum_g, sum_gd])).to(mu.dtype)
+            sum_g, sum_gd = total[:C], total[C:]
+        xw, cdim = channel_view(x)
+        _, R = view_batch_and_positions(xw, cdim)
+        index = index.long()
+        n_local = x.numel() // C
+        c_i, flat = index // n_local, index % n_local
+        idx = view_index(cdim, flat // R, c_i, flat % R)
+        sel_sign = torch.sign(xw[idx].to(mu.dtype) - mu[c_i])
+        sign_sum = rest[0] if rest else sel_sign.reshape(C, -1).sum(1)
+        w = torch.ones_like(mu) if weight is None else weight.to(mu.dtype)
+        alpha, beta, kappa = scale_backward_coefficients(sum_g, sum_gd, sign_sum, s, w, n,
+                                                         linf_constant(n) / k)
+        if ctx.use_compiled:
+            dxw = compiled.run_kernel("scale_shift", compiled.scale_shift,
+                                      as_channel_view(g, cdim), cdim, alpha, beta, x.dtype)
+            dx = from_channel_view(dxw, x, cdim)
+        else:
+            dx = channel_affine(g, None, alpha, beta)
+            dxw = as_channel_view(dx, cdim)  # a view: dx has x's layout
+        if index.numel():
+            fix = dxw[idx].to(mu.dtype) - kappa[c_i] * sel_sign
+            dxw[idx] = fix.to(dxw.dtype)
+        return (dx, grad_w, grad_b) + nones
+
+
+def _global_selection(x: Tensor, mu: Tensor, k: int, exact: bool,
+                      reducer: ProcessGroupReducer) -> tuple[Tensor, Tensor, Tensor]:
+    """The global batch's top-k: (sum of the k |d| per channel, flat ``c*n_local + j`` indices of
+    the selected elements held here, sum of the selected signs per channel)."""
+    C = x.shape[1]
+    n_local = x.numel() // C
+    k_local = min(k, n_local)
+    acc = mu.dtype
+    if k_local:
+        _, _, flat = _local_selection(x, mu, k_local, exact, False)
+        xw, cdim = channel_view(x)
+        _, R = view_batch_and_positions(xw, cdim)
+        c_i = torch.arange(C, device=x.device)[:, None].expand_as(flat)
+        signed = xw[view_index(cdim, flat // R, c_i, flat % R)].to(acc) - mu[:, None]
+    else:
+        signed = torch.empty(C, 0, dtype=acc, device=x.device)
+        flat = torch.empty(C, 0, dtype=torch.long, device=x.device)
+    pad = k - k_local   # a rank with fewer than k elements pads with NaN (never selected)
+    if pad:
+        signed = torch.cat([signed, torch.full((C, pad), float("nan"), dtype=acc,
+                                               device=x.device)], 1)
+        flat = torch.cat([flat, torch.zeros(C, pad, dtype=torch.long, device=x.device)], 1)
+    gathered = reducer.gather(signed)                           # (world, C, k)
+    world = gathered.shape[0]
+    cand = gathered.permute(1, 0, 2).reshape(C, world * k)      # slot j = rank * k + i
+    key = torch.nan_to_num(cand.abs(), nan=-1.0)
+    top_vals, pick = key.topk(k, dim=1)
+    sign_sum = torch.gather(cand, 1, pick).sign().sum(1)
+    mine = (pick // k) == reducer.rank
+    c_sel = torch.arange(C, device=x.device)[:, None].expand_as(pick)[mine]
+    my_flat = flat[c_sel, (pick % k)[mine]]
+    return top_vals.sum(1), c_sel * n_local + my_flat, sign_sum
+
+
+def linf_batch_norm_reduced(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                            k: int, exact_topk: bool, reducer: ProcessGroupReducer | None
+                            ) -> tuple[Tensor, Tensor, Tensor, int]:
+    """:func:`linf_batch_norm` with statistics from ``reducer`` (None: this batch); also
+    returns n (the global top-k when reduced: the union of the local top-k sets contains it).
+
+    Raises:
+        ValueError: ``k < 1``.
+    """
+    if int(k) < 1:
+        raise ValueError(f"linf_batch_norm: k must be >= 1, got {k}")
+    return _LinfBatchNormFn.apply(x, weight, bias, float(eps), int(k), bool(exact_topk), reducer)
 
 
 def linf_batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -577,46 +487,11 @@ def linf_batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None
         exact_topk: use a full ``topk`` for the selection (the slow reference path).
 
     Returns:
-        ``(y, mu, s_raw)`` with ``s_raw = C(n) * mean(top-k |x - mu|)``.
+        ``(y, mu, s_raw)`` with ``s_raw = C(n) * mean(top-k |x - mu|)`` (as for
+        :func:`l1_batch_norm`).
+
+    Raises:
+        ValueError: ``k < 1``.
     """
-    if int(k) < 1:
-        raise ValueError(f"linf_batch_norm: k must be >= 1, got {k}")
-    return _LinfBatchNormFn.apply(x, weight, bias, float(eps), int(k), bool(exact_topk))
-
-
-def _reference_common(x: Tensor) -> tuple[Tensor, Tensor, int]:
-    """(d, d as (C, n), n) for the reference formulas."""
-    C = x.shape[1]
-    mu = x.transpose(0, 1).reshape(C, -1).mean(1)
-    shape = (1, C) + (1,) * (x.dim() - 2)
-    d = x - mu.reshape(shape)
-    return d, d.transpose(0, 1).reshape(C, -1), d.numel() // C
-
-
-def _finish(x: Tensor, d: Tensor, s: Tensor, weight: Tensor | None, bias: Tensor | None
-            ) -> Tensor:
-    """``d / s * weight + bias`` with per-channel broadcasting."""
-    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-    y = d / s.reshape(shape)
-    if weight is not None:
-        y = y * weight.reshape(shape)
-    if bias is not None:
-        y = y + bias.reshape(shape)
-    return y
-
-
-def l1_reference(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
-                 eps: float = 1e-5) -> Tensor:
-    """The L1 train formula written directly in autograd ops (slow; for tests)."""
-    d, dc, _ = _reference_common(x)
-    s = C_L1 * dc.abs().mean(1) + eps
-    return _finish(x, d, s, weight, bias)
-
-
-def linf_reference(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
-                   eps: float = 1e-5, k: int = 1) -> Tensor:
-    """The L-inf/top-k train formula written directly in autograd ops (slow; for tests)."""
-    d, dc, n = _reference_common(x)
-    k = max(1, min(int(k), n))
-    s = linf_constant(n) * dc.abs().topk(k, dim=1).values.mean(1) + eps
-    return _finish(x, d, s, weight, bias)
+    y, mu, s_raw, _ = linf_batch_norm_reduced(x, weight, bias, eps, k, exact_topk, None)
+    return y, mu, s_raw

@@ -1,10 +1,11 @@
 """A per-channel affine layer: what an eval-mode normalisation becomes when it cannot be folded.
 
 Every BatchNorm-family layer in eval mode computes ``y[:, c] = x[:, c]·scale[c] + shift[c]``
-(REFERENCE §0: ``scale = γ/sqrt(σ²_r+ε)``, ``shift = β − scale·μ_r``). When no preceding
-Conv/Linear can absorb that affine map (the conv is reused, its output has other users, there is
-no conv), :class:`ChannelAffine` keeps it as one broadcast multiply-add, which exports to ONNX as
-``Mul`` + ``Add`` and works for any ``(N, C, *)`` input.
+(docs/layers.md, "Eval-mode BatchNorm as an affine": ``scale = γ/sqrt(σ²_r+ε)``,
+``shift = β − scale·μ_r``). When no preceding Conv/Linear can absorb that affine map (the conv is
+reused, its output has other users, there is no conv), :class:`ChannelAffine` keeps it as one
+broadcast multiply-add, which exports to ONNX as ``Mul`` + ``Add`` and works for any
+``(N, C, *)`` input.
 """
 
 from __future__ import annotations

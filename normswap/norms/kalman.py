@@ -36,9 +36,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from ._common import is_frozen_batchnorm, overrides_forward
+from ._common import BatchNormState, bn_dims_of
+from ._layout import channel_broadcast
+from ._reduce import global_moments
+from .base import BatchStatNorm
 
 __all__ = [
     "KalmanBatchNorm",
@@ -66,8 +68,6 @@ AUTO_GAIN_BATCH_THRESHOLD = 16
 
 Moments = tuple[Tensor, Tensor]
 """Per-channel ``(mean, var)``, each of shape ``(C,)``."""
-
-_OPTION_NAMES = frozenset({"gain", "fallback_ratio"})
 
 
 def kalman_moments(batch_mean: Tensor, batch_var: Tensor, prior_mean: Tensor, prior_var: Tensor,
@@ -108,7 +108,7 @@ def _check_gain(gain: float | str) -> float | str:
     return value
 
 
-class KalmanBatchNorm(_NormBase):
+class KalmanBatchNorm(BatchStatNorm):
     """Batch Kalman Normalization over the channel dimension of any ``(N, C, *)`` input.
 
     Parameters and buffers are BatchNorm's (``weight``, ``bias``, ``running_mean``,
@@ -135,6 +135,8 @@ class KalmanBatchNorm(_NormBase):
     """
 
     auto_gain_threshold: int = AUTO_GAIN_BATCH_THRESHOLD
+    _generic_batchnorm = nn.SyncBatchNorm  # accepts any (N, C, *), like the generic class
+    running_var: Tensor | None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
@@ -147,7 +149,21 @@ class KalmanBatchNorm(_NormBase):
         if not float(fallback_ratio) > 0.0:
             raise ValueError(f"fallback_ratio must be positive, got {fallback_ratio!r}")
         self.fallback_ratio = float(fallback_ratio)
-        self.frozen = False
+
+    # -- the spread statistic: BatchNorm's running_var -----------------------------------------
+    def _init_spread(self, factory: dict[str, Any]) -> None:
+        var = torch.ones(self.num_features, **factory) if self.track_running_stats else None
+        self.register_buffer("running_var", var)
+
+    def _reset_spread(self) -> None:
+        self.running_var.fill_(1.0)  # type: ignore[union-attr]
+
+    def _load_spread(self, state: BatchNormState) -> None:
+        if state.running_var is not None:
+            self.running_var.copy_(state.running_var)  # type: ignore[union-attr]
+
+    def _eval_denominator(self) -> Tensor:
+        return torch.sqrt(self.running_var.detach().double() + self.eps)  # type: ignore[union-attr]
 
     # -- hyperparameters ----------------------------------------------------------------------
     @property
@@ -161,18 +177,16 @@ class KalmanBatchNorm(_NormBase):
 
     def gain_for(self, x: Tensor) -> float:
         """The gain used for input ``x`` (resolves ``"auto"`` from the batch size)."""
+        return self._gain_for_batch(x.shape[0])
+
+    def _gain_for_batch(self, batch: int) -> float:
+        """The gain for a batch of ``batch`` samples (the global batch when synchronised)."""
         if self._gain == "auto":
-            return GAIN_MICRO_BATCH if x.shape[0] < self.auto_gain_threshold else GAIN_LARGE_BATCH
+            return GAIN_MICRO_BATCH if batch < self.auto_gain_threshold else GAIN_LARGE_BATCH
         return float(self._gain)
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, gain={self._gain!r}, "
-                f"fallback_ratio={self.fallback_ratio}, frozen={self.frozen}")
-
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"{type(self).__name__} expected an (N, C, *) input with at least "
-                             f"2 dimensions (got {x.dim()}D input)")
+        return f"{super().extra_repr()}, gain={self._gain!r}, fallback_ratio={self.fallback_ratio}"
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor, prior: Sequence[Tensor] | None = None,
@@ -215,48 +229,50 @@ class KalmanBatchNorm(_NormBase):
 
     def _normalise_with_stats(self, x: Tensor, prior: Sequence[Tensor] | None,
                               want_stats: bool = True) -> tuple[Tensor, Moments | None]:
-        """The forward pass proper."""
-        self._check_input_dim(x)
-        name = type(self).__name__
-        if self.frozen and (self.running_mean is None or self.running_var is None):
-            raise ValueError(f"{name} is frozen but has no running statistics; "
-                             "set frozen=False or build it with track_running_stats=True")
-        if self.frozen or (not self.training and self.running_mean is not None):
+        """The forward pass proper (the sync layer differs only in ``_reducer``)."""
+        self._check_input(x)
+        if not self._use_batch_stats():  # eval with running statistics, or frozen
             y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                              False, 0.0, self.eps)
             if not self.training:
                 return y, None
-            return y, (self.running_mean, self.running_var)
-        n = x.numel() // x.shape[1] if x.shape[1] else 0
-        if n <= 1:
-            raise ValueError(f"{name}: expected more than 1 value per channel when training "
-                             f"(got input of size {tuple(x.shape)}); use a larger batch or "
-                             "eval mode")
-        if prior is None and not want_stats and self._native_ok(x):
-            # no prior and nobody reads the moments: Kalman BN is BatchNorm here, so use the
-            # fused native kernel (same statistics, same running-statistics update)
-            factor = 0.0
-            if self.track_running_stats and self.running_mean is not None:
-                if self.num_batches_tracked is not None:
-                    self.num_batches_tracked.add_(1)
-                    if self.momentum is None:
-                        factor = 1.0 / float(self.num_batches_tracked)
-                if self.momentum is not None:
-                    factor = self.momentum
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                True, factor, self.eps), None
+            return y, (self.running_mean, self.running_var)  # type: ignore[return-value]
+        reducer = self._reducer()
+        if reducer is None:
+            self._check_batch_size(x.numel() // x.shape[1], x)
+            if prior is None and not want_stats and self._native_ok(x):
+                # no prior and nobody reads the moments: Kalman BN is BatchNorm here, so use the
+                # fused native kernel (same statistics, same running-statistics update)
+                factor = self._update_factor()
+                return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                    self.bias, True, 0.0 if factor is None else factor,
+                                    self.eps), None
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        dims = [0, *range(2, x.dim())]
-        batch_var, batch_mean = torch.var_mean(xf, dim=dims, correction=0)
+        batch_mean, batch_var, n, batch = self._batch_moments(xf, reducer)
         mean, var = batch_mean, batch_var
         if prior is not None and self.training:
             prior_mean, prior_var = self._check_prior(prior, batch_mean)
             mean, var = kalman_moments(batch_mean, batch_var, prior_mean, prior_var,
-                                       self.gain_for(x), self.fallback_ratio)
-        if self.training and self.track_running_stats:
-            self._update_running_stats(mean, var, n)
+                                       self._gain_for_batch(batch), self.fallback_ratio)
+        factor = self._update_factor()
+        if factor is not None:
+            self._ema_(self.running_mean, mean, factor)  # type: ignore[arg-type]
+            self._ema_(self.running_var, var.detach() * (n / (n - 1)),  # type: ignore[arg-type]
+                       factor)
         y = self._affine_normalise(xf, mean, var).to(x.dtype)
         return y, ((mean, var) if self.training else None)
+
+    def _batch_moments(self, xf: Tensor, reducer: Any) -> tuple[Tensor, Tensor, int, int]:
+        """(mean, biased var, elements per channel, samples) of this or the global batch."""
+        if reducer is None:
+            var, mean = torch.var_mean(xf, dim=[0, *range(2, xf.dim())], correction=0)
+            return mean, var, xf.numel() // xf.shape[1], xf.shape[0]
+        mean, var, n, batch = global_moments(xf, reducer)
+        if n < 2:
+            raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel in "
+                             f"the global batch when training, got {n} (local input of shape "
+                             f"{tuple(xf.shape)}); use eval mode or a larger batch")
+        return mean, var, n, batch
 
     def _check_prior(self, prior: Sequence[Tensor], like: Tensor) -> Moments:
         """Validate a prior and bring it to the statistics' dtype and shape ``(C,)``."""
@@ -272,200 +288,45 @@ class KalmanBatchNorm(_NormBase):
             out.append(t.reshape(-1).to(like.dtype))
         return out[0], out[1]
 
-    def _update_running_stats(self, mean: Tensor, var: Tensor, n: int) -> None:
-        """BatchNorm's running-statistics update with the combined moments."""
-        if self.running_mean is None or self.running_var is None:
-            return
-        with torch.no_grad():
-            factor = 0.0 if self.momentum is None else self.momentum
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
-                if self.momentum is None:
-                    factor = 1.0 / float(self.num_batches_tracked)
-            unbiased = var.detach() * (n / (n - 1))
-            self.running_mean.mul_(1.0 - factor).add_(
-                mean.detach().to(self.running_mean.dtype), alpha=factor)
-            self.running_var.mul_(1.0 - factor).add_(
-                unbiased.to(self.running_var.dtype), alpha=factor)
-
     def _affine_normalise(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         """``weight * (x - mean) / sqrt(var + eps) + bias`` broadcast over channel dim 1, as one
         fused multiply-add ``x * a + b`` with per-channel ``a``, ``b``."""
-        shape = (1, -1) + (1,) * (x.dim() - 2)
         a = torch.rsqrt(var + self.eps)
         if self.weight is not None:
             a = a * self.weight.to(a.dtype)
         b = -mean * a
         if self.bias is not None:
             b = b + self.bias.to(a.dtype)
-        return torch.addcmul(b.reshape(shape), x, a.reshape(shape))
-
-    # -- conversions --------------------------------------------------------------------------
-    @classmethod
-    def from_batchnorm(cls, bn: nn.Module, **options: Any) -> "KalmanBatchNorm":
-        """Build a Kalman layer that computes exactly what ``bn`` computes in eval mode.
-
-        Copies ``num_features``, ``eps``, ``momentum``, ``affine``, ``track_running_stats``,
-        parameters, buffers (``num_batches_tracked`` included), ``requires_grad`` flags,
-        device, dtype and the train/eval mode. Handles SyncBatchNorm and BN subclasses (only
-        the normalisation is copied: behaviour a subclass adds in its own ``forward`` is not,
-        and a warning is logged) and torchvision's ``FrozenBatchNorm2d`` (``frozen=True``,
-        parameters not trainable).
-
-        Args:
-            bn: a ``_BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, subclasses) or a frozen BN.
-            **options: ``gain`` and/or ``fallback_ratio``.
-
-        Returns:
-            The new layer.
-
-        Raises:
-            TypeError: ``bn`` is not a BatchNorm, or an unknown option was given.
-        """
-        unknown = set(options) - _OPTION_NAMES
-        if unknown:
-            raise TypeError(f"{cls.__name__}.from_batchnorm: unknown option(s) "
-                            f"{sorted(unknown)}; accepted: {sorted(_OPTION_NAMES)}")
-        frozen = is_frozen_batchnorm(bn)
-        if not (frozen or isinstance(bn, _BatchNorm)):
-            raise TypeError(f"{cls.__name__}.from_batchnorm expects a BatchNorm module, "
-                            f"got {type(bn).__name__}")
-        if isinstance(bn, _BatchNorm) and overrides_forward(bn):
-            log.warning("%s overrides forward(); only its normalisation is copied to %s",
-                        type(bn).__name__, cls.__name__)
-        ref = next((t for t in (getattr(bn, "running_mean", None), getattr(bn, "weight", None))
-                    if t is not None), None)
-        if frozen:
-            kwargs: dict[str, Any] = dict(num_features=bn.running_mean.numel(),
-                                          eps=float(getattr(bn, "eps", 1e-5)),
-                                          affine=True, track_running_stats=True)
-        else:
-            kwargs = dict(num_features=bn.num_features, eps=bn.eps, momentum=bn.momentum,
-                          affine=bn.affine, track_running_stats=bn.track_running_stats,
-                          bias=not bn.affine or bn.bias is not None)
-        if ref is not None:
-            kwargs.update(device=ref.device, dtype=ref.dtype)
-        layer = cls(**kwargs, **options)
-        with torch.no_grad():
-            for name in ("weight", "bias"):
-                src, dst = getattr(bn, name, None), getattr(layer, name)
-                if dst is not None and src is not None:
-                    dst.copy_(src)
-                    dst.requires_grad_(False if frozen else src.requires_grad)
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                src, dst = getattr(bn, name, None), getattr(layer, name)
-                if dst is not None and src is not None:
-                    dst.copy_(src)
-        layer.frozen = frozen
-        layer.train(bn.training)
-        return layer
-
-    def _batchnorm_class(self) -> type[nn.Module]:
-        """The torch BatchNorm class matching this layer's input rank."""
-        return nn.SyncBatchNorm
-
-    def to_batchnorm(self) -> nn.Module:
-        """Convert back to the matching torch BatchNorm (eval-exact; the gain is dropped).
-
-        KalmanBatchNorm1d/2d/3d give BatchNorm1d/2d/3d; the generic class gives SyncBatchNorm
-        (which accepts any ``(N, C, *)`` input and behaves as BatchNorm without a process
-        group). A frozen 2d layer gives torchvision's ``FrozenBatchNorm2d`` when torchvision is
-        installed; other frozen layers give a BatchNorm with non-trainable parameters (keep it
-        in eval mode to keep it frozen; a warning is logged).
-
-        Returns:
-            The BatchNorm module, in this layer's train/eval mode.
-        """
-        ref = self.running_mean if self.running_mean is not None else self.weight
-        factory: dict[str, Any] = {} if ref is None else dict(device=ref.device, dtype=ref.dtype)
-        if self.frozen and isinstance(self, KalmanBatchNorm2d):
-            try:
-                from torchvision.ops.misc import FrozenBatchNorm2d
-            except ImportError:  # pragma: no cover - torchvision is optional
-                FrozenBatchNorm2d = None  # type: ignore[assignment,misc]  # noqa: N806
-            if FrozenBatchNorm2d is not None:
-                fbn = FrozenBatchNorm2d(self.num_features, eps=self.eps).to(**factory)
-                with torch.no_grad():
-                    for name in ("weight", "bias", "running_mean", "running_var"):
-                        getattr(fbn, name).copy_(getattr(self, name))
-                return fbn.train(self.training)
-        bn = self._batchnorm_class()(self.num_features, eps=self.eps, momentum=self.momentum,
-                                     affine=self.affine,
-                                     track_running_stats=self.track_running_stats,
-                                     bias=not self.affine or self.bias is not None, **factory)
-        with torch.no_grad():
-            for name in ("weight", "bias"):
-                src, dst = getattr(self, name), getattr(bn, name)
-                if dst is not None and src is not None:
-                    dst.copy_(src)
-                    dst.requires_grad_(False if self.frozen else src.requires_grad)
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                src, dst = getattr(self, name), getattr(bn, name)
-                if dst is not None and src is not None:
-                    dst.copy_(src)
-        if self.frozen:
-            log.warning("%s is frozen; the returned %s has non-trainable parameters but updates "
-                        "its statistics in train mode: keep it in eval mode",
-                        type(self).__name__, type(bn).__name__)
-        return bn.train(self.training)
-
-    def eval_scale_shift(self) -> tuple[Tensor, Tensor]:
-        """Per-channel float64 ``(scale, shift)`` with eval output ``x * scale + shift``.
-
-        ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``.
-
-        Raises:
-            ValueError: the layer has no running statistics (its eval output depends on the
-                batch).
-        """
-        if self.running_mean is None or self.running_var is None:
-            raise ValueError(f"{type(self).__name__} has no running statistics "
-                             "(track_running_stats=False): its eval output is not affine")
-        scale = torch.rsqrt(self.running_var.detach().double() + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight.detach().double()
-        shift = -self.running_mean.detach().double() * scale
-        if self.bias is not None:
-            shift = shift + self.bias.detach().double()
-        return scale, shift
+        return torch.addcmul(channel_broadcast(b, x), x, channel_broadcast(a, x))
 
 
 class KalmanBatchNorm1d(KalmanBatchNorm):
     """Batch Kalman Normalization for ``(N, C)`` or ``(N, C, L)`` input (cf. BatchNorm1d)."""
 
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() not in (2, 3):
-            raise ValueError(f"{type(self).__name__} expected 2D or 3D input "
-                             f"(got {x.dim()}D input)")
-
-    def _batchnorm_class(self) -> type[nn.Module]:
-        return nn.BatchNorm1d
+    _expected_dims = (2, 3)
+    _bn_dims = 1
 
 
 class KalmanBatchNorm2d(KalmanBatchNorm):
     """Batch Kalman Normalization for ``(N, C, H, W)`` input (cf. BatchNorm2d)."""
 
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"{type(self).__name__} expected 4D input (got {x.dim()}D input)")
-
-    def _batchnorm_class(self) -> type[nn.Module]:
-        return nn.BatchNorm2d
+    _expected_dims = (4,)
+    _bn_dims = 2
 
 
 class KalmanBatchNorm3d(KalmanBatchNorm):
     """Batch Kalman Normalization for ``(N, C, D, H, W)`` input (cf. BatchNorm3d)."""
 
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() != 5:
-            raise ValueError(f"{type(self).__name__} expected 5D input (got {x.dim()}D input)")
-
-    def _batchnorm_class(self) -> type[nn.Module]:
-        return nn.BatchNorm3d
+    _expected_dims = (5,)
+    _bn_dims = 3
 
 
-def kalman_from_batchnorm(bn: nn.Module, **options: Any) -> KalmanBatchNorm:
-    """Convert a BatchNorm into the matching Kalman layer (eval-exact).
+_KALMAN_BY_DIMS: dict[int | None, type[KalmanBatchNorm]] = {
+    1: KalmanBatchNorm1d, 2: KalmanBatchNorm2d, 3: KalmanBatchNorm3d, None: KalmanBatchNorm}
+
+
+def kalman_from_batchnorm(bn: nn.Module, *, name: str = "", **options: Any) -> KalmanBatchNorm:
+    """Convert a BatchNorm into the matching Kalman layer (eval-exact, bit-exact in eval).
 
     BatchNorm1d/2d/3d (and their subclasses) give KalmanBatchNorm1d/2d/3d; FrozenBatchNorm2d
     gives a frozen KalmanBatchNorm2d; SyncBatchNorm and other ``_BatchNorm`` subclasses give the
@@ -473,19 +334,13 @@ def kalman_from_batchnorm(bn: nn.Module, **options: Any) -> KalmanBatchNorm:
 
     Args:
         bn: the BatchNorm module.
-        **options: ``gain`` and/or ``fallback_ratio``.
+        name: the module's qualified name, used in error messages.
+        **options: ``gain``, ``fallback_ratio`` and constructor overrides.
 
     Returns:
-        The Kalman layer.
+        The Kalman layer (see :meth:`~normswap.norms.base.BatchStatNorm.from_batchnorm`).
     """
-    cls: type[KalmanBatchNorm] = KalmanBatchNorm
-    if isinstance(bn, nn.BatchNorm1d):
-        cls = KalmanBatchNorm1d
-    elif isinstance(bn, nn.BatchNorm2d) or is_frozen_batchnorm(bn):
-        cls = KalmanBatchNorm2d
-    elif isinstance(bn, nn.BatchNorm3d):
-        cls = KalmanBatchNorm3d
-    return cls.from_batchnorm(bn, **options)
+    return _KALMAN_BY_DIMS[bn_dims_of(bn)].from_batchnorm(bn, name=name, **options)
 
 
 def kalman_layers(model: nn.Module) -> list[tuple[str, KalmanBatchNorm]]:

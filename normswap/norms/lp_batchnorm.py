@@ -9,39 +9,44 @@ Train mode, per channel over the n = N * prod(spatial) elements of the batch (d 
 
 No squares and no square roots: fp16 inputs of magnitude ~1e3 stay finite where a BatchNorm
 computed in fp16 arithmetic overflows. Statistics accumulate in float32; outputs keep the input
-dtype. The backward pass is closed-form (see ``_functional``), gradcheck-tested.
+dtype. The backward pass is closed-form (:mod:`._functional`), gradcheck-tested. On CUDA tensors
+the train-mode batch path uses the Triton kernels of ``normswap.norms._triton`` when that module
+imports and accepts the input; otherwise (and always on CPU) the native-kernel path.
 
 Running statistics (PyTorch convention ``r <- (1-m)*r + m*new``; ``momentum=None`` = cumulative
 average): ``running_mean`` tracks the batch mean, ``running_scale`` the train-mode denominator.
 For L1 the batch scale is multiplied by ``sqrt(n/(n-1))`` before the update, the analogue of
-BN's unbiased variance (for Gaussian data ``E|X - Xbar| = sigma*sqrt(2/pi)*sqrt((n-1)/n)``, so
-this makes ``running_scale - eps`` unbiased for sigma). L-inf uses no correction: ``C(n)`` is
-already the paper's n-dependent constant. ``eps`` is added once: ``new = scale + eps``. Eval
-output is ``(x - running_mean) / running_scale * weight + bias`` with the stored scale as is.
+BN's unbiased variance (for Gaussian data ``E|X - Xbar| = sigma*sqrt(2/pi)*sqrt((n-1)/n)``).
+L-inf uses no correction: ``C(n)`` is already the paper's n-dependent constant. ``eps`` is added
+once: ``new = scale + eps``. Eval output is ``(x - running_mean) / running_scale * weight + bias``
+with the stored scale as is. The state_dict speaks BatchNorm (``running_var = running_scale**2 -
+eps``, see :mod:`._scale_state`), so converted checkpoints load into the original BatchNorm model.
 
 Conversion from a trained BN is eval-exact: ``running_scale = sqrt(running_var + eps_BN)``,
 ``weight = gamma``, ``bias = beta``. For L-inf, ``calibrate_`` rescales ``weight`` and
-``running_scale`` together by ``r_c = E[C(n)*topk_c] / running_scale_c`` (REFERENCE section 2):
-eval output is unchanged and train-mode output becomes consistent with the BN's.
+``running_scale`` together by ``r_c = E[C(n)*topk_c] / running_scale_c``: eval output is
+unchanged and train-mode output becomes consistent with the BN's (docs/layers.md, "Calibration").
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from ._common import _ScaleNormBase, batchnorm_state, bn_dims_of
+from ._common import bn_dims_of
+from ._compile import compile_enabled, set_compile
 from ._functional import (
     C_L1,
-    compile_enabled,
-    l1_batch_norm,
+    l1_batch_norm_reduced,
     linf_batch_norm,
+    linf_batch_norm_reduced,
     linf_constant,
-    set_compile,
 )
+from ._scale_state import RunningScaleNorm
 
 __all__ = [
     "L1BatchNorm",
@@ -55,6 +60,7 @@ __all__ = [
     "l1_from_batchnorm",
     "linf_from_batchnorm",
     "calibrate_linf",
+    "accelerated_kernels",
     "set_compile",
     "compile_enabled",
     "C_L1",
@@ -65,8 +71,44 @@ logger = logging.getLogger(__name__)
 
 _Layer = Any  # a module from this file; kept loose for the classmethod return types
 
+_ACCELERATOR = "normswap.norms._triton"
+_CPU_DEVICES = ("cpu",)  # never import the accelerator for these (the CPU path is native)
+_accelerator_cache: dict[str, Any] = {}
 
-class L1BatchNorm(_ScaleNormBase):
+
+def accelerated_kernels(x: Tensor) -> Any | None:
+    """The Triton kernels module for ``x``, or None to use the CPU (native-kernel) path.
+
+    ``normswap.norms._triton`` is imported lazily, once, and only for non-CPU tensors; a
+    missing or failing module, or ``available(x)`` returning False or raising, gives None.
+
+    Args:
+        x: the layer's input.
+
+    Returns:
+        The module (with ``l1_batch_norm`` and ``linf_batch_norm``) or None.
+    """
+    if x.device.type in _CPU_DEVICES:
+        return None
+    if "module" not in _accelerator_cache:
+        try:
+            _accelerator_cache["module"] = importlib.import_module(_ACCELERATOR)
+        except Exception as exc:  # noqa: BLE001 - a broken optional module must not break us
+            logger.info("normswap: %s not usable (%s: %s); using the native-kernel path",
+                        _ACCELERATOR, type(exc).__name__, exc)
+            _accelerator_cache["module"] = None
+    module = _accelerator_cache["module"]
+    if module is None:
+        return None
+    try:
+        return module if module.available(x) else None
+    except Exception as exc:  # noqa: BLE001 - same: fall back to the native path
+        logger.warning("normswap: %s.available() raised %s: %s; using the native-kernel path",
+                       _ACCELERATOR, type(exc).__name__, exc)
+        return None
+
+
+class L1BatchNorm(RunningScaleNorm):
     """L1 batch normalisation for inputs (N, C, *) with channels at dim 1.
 
     Args:
@@ -78,65 +120,40 @@ class L1BatchNorm(_ScaleNormBase):
             without them eval mode uses batch statistics.
         device: parameter/buffer device.
         dtype: parameter/buffer dtype.
+        bias: with ``affine``, also learn ``bias`` (keyword only).
 
     Attributes:
         frozen: always normalise with the running statistics and never update them.
+        running_var: BatchNorm's view of the running scale (``running_scale**2 - eps``).
     """
-
-    _bn_dims: int | None = None
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalise ``input`` (train: batch statistics; eval: running statistics)."""
         self._check_input(input)
         if not self._use_batch_stats():
             return self._eval_forward(input)
-        y, mu, s_raw = self._batch_forward(input)
+        y, mu, s_raw, n = self._batch_forward(input, self._reducer())
         factor = self._update_factor()
         if factor is not None:
-            n = input.numel() // input.shape[1]
             self._ema_(self.running_mean, mu, factor)  # type: ignore[arg-type]
             self._ema_(self.running_scale, self._running_scale_sample(s_raw, n),  # type: ignore
                        factor)
         return y
 
-    def _batch_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(y, mu, s_raw) from batch statistics."""
-        return l1_batch_norm(x, self.weight, self.bias, self.eps)
+    def _batch_forward(self, x: Tensor, reducer: Any) -> tuple[Tensor, Tensor, Tensor, int]:
+        """(y, mu, s_raw, n) from the batch statistics (global ones under a reducer)."""
+        if reducer is None:
+            kernels = accelerated_kernels(x)
+            if kernels is not None:
+                n = x.numel() // x.shape[1]
+                self._check_batch_size(n, x)
+                y, mu, s_raw = kernels.l1_batch_norm(x, self.weight, self.bias, self.eps)
+                return y, mu, s_raw, n
+        return l1_batch_norm_reduced(x, self.weight, self.bias, self.eps, reducer)
 
     def _running_scale_sample(self, s_raw: Tensor, n: int) -> Tensor:
         """The batch's contribution to ``running_scale``: ``s_raw * sqrt(n/(n-1)) + eps``."""
         return s_raw * (n / (n - 1)) ** 0.5 + self.eps
-
-    @classmethod
-    def from_batchnorm(cls, bn: nn.Module, **options: Any) -> _Layer:
-        """Build an eval-equivalent layer from a trained BatchNorm.
-
-        Args:
-            bn: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, another ``_BatchNorm`` subclass, or
-                torchvision's ``FrozenBatchNorm2d`` (converted with ``frozen=True``).
-            **options: constructor options overriding the BN's (e.g. ``momentum``, ``eps``);
-                layer options such as ``k`` for L-inf.
-
-        Returns:
-            The new layer on the BN's device and dtype, in the BN's train/eval mode, with
-            ``running_scale = sqrt(running_var + eps_BN)`` (float64, then cast), ``weight = gamma``,
-            ``bias = beta`` and ``num_batches_tracked`` copied. Without running statistics
-            (``track_running_stats=False``) no eval equivalence exists; the layer is just built.
-
-        Raises:
-            UnsupportedNodeError: ``bn`` is not a BatchNorm-family module.
-        """
-        state = batchnorm_state(bn)
-        kwargs: dict[str, Any] = {
-            "eps": state.eps, "momentum": state.momentum, "affine": state.affine,
-            "track_running_stats": state.track_running_stats,
-            "device": state.device, "dtype": state.dtype,
-        }
-        kwargs.update(options)
-        layer = cls(state.num_features, **kwargs)
-        layer._load_batchnorm_state(state)
-        layer.train(bn.training)
-        return layer
 
 
 class LinfBatchNorm(L1BatchNorm):
@@ -152,8 +169,9 @@ class LinfBatchNorm(L1BatchNorm):
         dtype: parameter/buffer dtype.
         k: how many of the largest ``|x - mu|`` per channel are averaged (1 = pure L-inf; the
             convNet.pytorch default is 10). Clamped to the n elements per channel of a batch.
-        exact_topk: select with a full ``topk`` (slow reference path) instead of the
-            threshold-based exact selection.
+        exact_topk: select with a full ``topk`` (slow reference path) instead of the exact
+            selection from group extrema.
+        bias: with ``affine``, also learn ``bias`` (keyword only).
 
     Attributes:
         frozen: always normalise with the running statistics and never update them.
@@ -162,16 +180,26 @@ class LinfBatchNorm(L1BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 k: int = 1, exact_topk: bool = False) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 k: int = 1, exact_topk: bool = False, *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"{type(self).__name__}: k must be an int >= 1, got {k!r}")
         self.k = k
         self.exact_topk = bool(exact_topk)
 
-    def _batch_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(y, mu, s_raw) from batch statistics."""
-        return linf_batch_norm(x, self.weight, self.bias, self.eps, self.k, self.exact_topk)
+    def _batch_forward(self, x: Tensor, reducer: Any) -> tuple[Tensor, Tensor, Tensor, int]:
+        """(y, mu, s_raw, n) from the batch statistics (the global top-k under a reducer)."""
+        if reducer is None and not self.exact_topk:
+            kernels = accelerated_kernels(x)
+            if kernels is not None:
+                n = x.numel() // x.shape[1]
+                self._check_batch_size(n, x)
+                y, mu, s_raw = kernels.linf_batch_norm(x, self.weight, self.bias, self.eps,
+                                                       self.k)
+                return y, mu, s_raw, n
+        return linf_batch_norm_reduced(x, self.weight, self.bias, self.eps, self.k,
+                                       self.exact_topk, reducer)
 
     def _running_scale_sample(self, s_raw: Tensor, n: int) -> Tensor:
         """The batch's contribution to ``running_scale``: ``s_raw + eps`` (no correction)."""
@@ -193,7 +221,7 @@ class LinfBatchNorm(L1BatchNorm):
 
     @torch.no_grad()
     def calibrate_(self, batches: Iterable[Tensor]) -> Tensor:
-        """Per-channel calibration (REFERENCE section 2), in place; eval output is unchanged.
+        """Per-channel calibration (docs/layers.md, "Calibration"), in place; eval is unchanged.
 
         Measures ``r_c = E_batches[C(n) * mean top-k |d|] / running_scale_c`` and sets
         ``weight <- weight * r`` and ``running_scale <- running_scale * r``, so that the
@@ -209,7 +237,7 @@ class LinfBatchNorm(L1BatchNorm):
             ValueError: no batches, ``affine=False`` or no running statistics.
         """
         name = type(self).__name__
-        if not self.affine or self.running_scale is None:
+        if self.weight is None or self.running_scale is None:
             raise ValueError(f"{name}.calibrate_(): needs affine=True and running statistics "
                              "(the ratio is absorbed into weight and running_scale)")
         total: Tensor | None = None
@@ -228,11 +256,13 @@ class LinfBatchNorm(L1BatchNorm):
         return ratio
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.Module, **options: Any) -> _Layer:
-        """Build an eval-equivalent layer from a trained BatchNorm (see L1BatchNorm).
+    def from_batchnorm(cls, bn: nn.Module, *, name: str = "", **options: Any) -> _Layer:
+        """Build an eval-equivalent layer from a trained BatchNorm (see
+        :meth:`~normswap.norms.base.BatchStatNorm.from_batchnorm`).
 
         Args:
             bn: a BatchNorm-family module or torchvision ``FrozenBatchNorm2d``.
+            name: the module's qualified name, used in error messages.
             **options: constructor options (``k``, ``momentum``, ...) and
                 ``calibration_batches``: an iterable of this layer's inputs to run
                 :meth:`calibrate_` on right after the conversion.
@@ -241,7 +271,7 @@ class LinfBatchNorm(L1BatchNorm):
             The new layer.
         """
         batches = options.pop("calibration_batches", None)
-        layer = super().from_batchnorm(bn, **options)
+        layer = super().from_batchnorm(bn, name=name, **options)
         if batches is not None:
             layer.calibrate_(batches)
         return layer
@@ -301,7 +331,7 @@ _LINF_BY_DIMS: dict[int | None, type[LinfBatchNorm]] = {
     1: LinfBatchNorm1d, 2: LinfBatchNorm2d, 3: LinfBatchNorm3d, None: LinfBatchNorm}
 
 
-def l1_from_batchnorm(bn: nn.Module, **options: Any) -> L1BatchNorm:
+def l1_from_batchnorm(bn: nn.Module, *, name: str = "", **options: Any) -> L1BatchNorm:
     """Convert a BatchNorm to the matching L1 layer, eval-exact.
 
     BatchNorm1d/2d/3d (and subclasses) give L1BatchNorm1d/2d/3d, FrozenBatchNorm2d gives a
@@ -309,27 +339,29 @@ def l1_from_batchnorm(bn: nn.Module, **options: Any) -> L1BatchNorm:
 
     Args:
         bn: the BatchNorm-family module.
+        name: the module's qualified name, used in error messages.
         **options: constructor overrides (``momentum``, ``eps``, ...).
 
     Returns:
-        The new layer (see :meth:`L1BatchNorm.from_batchnorm`).
+        The new layer (see :meth:`~normswap.norms.base.BatchStatNorm.from_batchnorm`).
     """
-    return _L1_BY_DIMS[bn_dims_of(bn)].from_batchnorm(bn, **options)
+    return _L1_BY_DIMS[bn_dims_of(bn)].from_batchnorm(bn, name=name, **options)
 
 
-def linf_from_batchnorm(bn: nn.Module, **options: Any) -> LinfBatchNorm:
+def linf_from_batchnorm(bn: nn.Module, *, name: str = "", **options: Any) -> LinfBatchNorm:
     """Convert a BatchNorm to the matching L-inf/top-k layer, eval-exact.
 
     Class choice as :func:`l1_from_batchnorm`.
 
     Args:
         bn: the BatchNorm-family module.
+        name: the module's qualified name, used in error messages.
         **options: ``k``, ``calibration_batches`` and constructor overrides.
 
     Returns:
         The new layer (see :meth:`LinfBatchNorm.from_batchnorm`).
     """
-    return _LINF_BY_DIMS[bn_dims_of(bn)].from_batchnorm(bn, **options)
+    return _LINF_BY_DIMS[bn_dims_of(bn)].from_batchnorm(bn, name=name, **options)
 
 
 def calibrate_linf(layer: LinfBatchNorm, inputs: Iterable[Tensor]) -> Tensor:
@@ -348,4 +380,3 @@ def calibrate_linf(layer: LinfBatchNorm, inputs: Iterable[Tensor]) -> Tensor:
     if not isinstance(layer, LinfBatchNorm):
         raise TypeError(f"calibrate_linf: expected a LinfBatchNorm, got {type(layer).__name__}")
     return layer.calibrate_(inputs)
-

@@ -8,7 +8,7 @@ convolution or linear layer computes::
 where ``W_i`` is the unit's whole filter (``C_in/groups × k…`` for a convolution, the weight row
 for a linear layer) and gradients flow through ``‖W_i‖₂`` (it is not detached). The ReLU that
 follows is kept as it is and then a data-independent correction standardises the rectified unit
-Gaussian (REFERENCE §4)::
+Gaussian (docs/layers.md, "NormProp layers")::
 
     o = (relu(z) − 1/sqrt(2π)) / sqrt(½(1 − 1/π)) = a·relu(z) + c
     a = 1/sqrt(½(1 − 1/π)) = 1.712858550449663,  c = −a/sqrt(2π) = −0.683331696121481
