@@ -245,7 +245,11 @@ def capture_strategy(report: Any) -> str:
     capture = metrics.get("capture")
     if isinstance(capture, dict) and capture.get("strategy"):
         return str(capture["strategy"])
-    return f"mode={metrics.get('mode', '?')}"
+    if "mode" in metrics:
+        return f"mode={metrics['mode']}"
+    # fold's report has no mode: it traces, or says it fell back to a module walk
+    walked = any("could not trace" in w.message for w in getattr(report, "warnings", []))
+    return "mode=fallback" if walked else "mode=graph"
 
 
 def _first_line(exc: BaseException) -> str:
