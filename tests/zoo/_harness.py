@@ -299,7 +299,8 @@ def _swap_check(model: nn.Module, inputs: tuple[Any, ...], ref: Any, method: str
         rec.info["strategy"] = capture_strategy(report)
         rec.info["changed"] = len(report.changes)
         rec.info["warnings"] = [w.message[:300] for w in report.warnings]
-        keep[method] = out
+        if method in ("l1", "kalman"):  # fold and the prior check reuse these two
+            keep[method] = out
         left = [f"{n or '<root>'} ({type(m).__name__})" for n, m in batchnorm_like_modules(out)]
         if left:
             raise _CheckFailed(f"{len(left)} BatchNorm module(s) left: {left[:4]}")
@@ -315,15 +316,20 @@ def _kalman_prior_check(keep: dict[str, nn.Module]) -> Callable[[CheckResult], N
         metrics = report.metrics
         layers = metrics.get("kalman_layers")
         wired = metrics.get("kalman_layers_with_prior")
-        rec.info.update(kalman_layers=layers, with_prior=wired,
-                        chains_cut=sum(1 for s in report.skips if "Kalman" in s.op
-                                       or "prior" in s.reason.lower()))
+        cuts: dict[str, int] = {}
+        for s in report.skips:
+            if "prior chain cut" in s.reason:
+                cuts[s.op] = cuts.get(s.op, 0) + 1
+        rec.info.update(kalman_layers=layers, with_prior=wired, chains_cut_at=cuts)
         missing = [w.message for w in report.warnings if "prior" in w.message.lower()]
         if missing:
             raise _CheckFailed(f"report warns: {missing[0][:300]}")
         if not isinstance(wired, int) or not wired > 0:
+            top = ", ".join(f"{op} x{n}" for op, n in
+                            sorted(cuts.items(), key=lambda kv: -kv[1])[:3])
             raise _CheckFailed(f"no Kalman layer wired with a graph prior (kalman_layers="
-                               f"{layers}, kalman_layers_with_prior={wired})")
+                               f"{layers}, kalman_layers_with_prior={wired}); prior chains cut "
+                               f"at: {top or 'nothing reported'}")
     return check
 
 
@@ -370,9 +376,14 @@ def _export_check(inputs: tuple[Any, ...], keep: dict[str, nn.Module],
                    if isinstance(v, (int, float, str, bool))}
         rec.info["metrics"] = metrics
         rec.info["warnings"] = [w.message[:300] for w in report.warnings]
+        validation = getattr(report, "validation", None)
+        if validation is not None:
+            rec.info["validation"] = validation.to_dict()
         if not report.passed:
-            why = "; ".join(w.message for w in report.warnings)[:300]
-            raise _CheckFailed(f"fp16 export does not validate: {why or metrics}")
+            why = ("; ".join(validation.errors + [f"{m.output}: {', '.join(m.failures)}"
+                                                  for m in validation.metrics if m.failures])
+                   if validation is not None else "not validated")
+            raise _CheckFailed(f"fp16 export does not validate: {why[:300]}")
     return check
 
 
@@ -407,8 +418,7 @@ def run_case(case: ZooCase, *, checks: tuple[str, ...] = CHECKS,
             _run_check(result, f"swap:{method}", _swap_check(model, inputs, ref, method, keep))
     if "kalman-priors" in checks:
         _run_check(result, "kalman-priors", _kalman_prior_check(keep))
-    for method in ("linf", "kalman"):
-        keep.pop(method, None)
+    keep.pop("kalman", None)  # hold at most the original, the l1 copy and the folded one
     if "fold" in checks or "export" in checks:
         _run_check(result, "fold", _fold_check(model, inputs, ref, keep))
         if "fold" not in checks:

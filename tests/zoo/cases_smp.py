@@ -25,13 +25,17 @@ PAIRS: list[tuple[str, str]] = [
     ("tu-mobilenetv3_small_050", "FPN"),
 ]
 
+# PAN's feature pyramid attention pools the 1/32 map three more times (down to 1/256)
+INPUT = {"PAN": 256}
+
 
 def _builder(encoder: str, decoder: str) -> Any:
     def build() -> tuple[nn.Module, tuple[Any, ...]]:
         import segmentation_models_pytorch as smp
 
         model = getattr(smp, decoder)(encoder_name=encoder, encoder_weights=None, classes=3)
-        return model, (torch.randn(2, 3, 64, 64),)
+        size = INPUT.get(decoder, 64)
+        return model, (torch.randn(2, 3, size, size),)
     return build
 
 
