@@ -199,7 +199,8 @@ class _BatchNormCalls(TorchDispatchMode):
 
 def batchnorm_calls(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[dict[str, int], Any]:
     """Run ``model(*inputs)`` in eval/no-grad and count batch-norm kernels called outside
-    normswap layers (whose eval forward may use ``F.batch_norm`` as a fused affine).
+    normswap layers (whose eval forward may use ``F.batch_norm`` as a fused affine) and
+    InstanceNorm modules (which run on the same kernel).
 
     Returns:
         ``(calls by aten op name, the model's output)``.
@@ -214,7 +215,8 @@ def batchnorm_calls(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[dict[str
         mode.inside -= 1
 
     for m in model.modules():
-        if is_normswap_layer(m):
+        # InstanceNorm runs on aten's batch-norm kernel (over a reshaped input): not a BN
+        if is_normswap_layer(m) or isinstance(m, nn.modules.instancenorm._InstanceNorm):
             handles.append(m.register_forward_pre_hook(enter))
             handles.append(m.register_forward_hook(leave))
     try:

@@ -118,7 +118,7 @@ IMG_SIZE_KW = {"efficientformerv2_s0", "efficientvit_m0", "levit_128s", "maxvit_
                "xcit_nano_12_p8_224", "vit_tiny_r_s16_p8_224"}
 
 # fast enough (< 2 s for every check) to run in the default test run
-SMOKE = {"resnet", "efficientnet", "mobilevit"}
+SMOKE = {"resnet", "efficientnet"}
 
 
 def _builder(model_name: str, size: int) -> Any:

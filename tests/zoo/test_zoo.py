@@ -1,7 +1,8 @@
 """The zoo sweep: every model of tests/zoo/cases_*.py through the four checks of
 ``_harness`` (swap l1/linf/kalman exact and BN-free, Kalman graph priors, fold, fp16 export).
 
-Each model is one test (``-m slow``; a few fast ones per zoo also run by default). A check that
+Each model is one test (``-m slow``; a few fast ones per zoo also run by default, without
+the export check except on one). A check that
 fails today and is listed in ``known_failures.json`` (written by ``python -m tests.zoo.survey
 --write-known``, with the error it gave) makes the test xfail; an unlisted failure fails it,
 and so does a listed failure that now passes (remove it from the list: the ratchet only turns
@@ -42,9 +43,13 @@ def _threads() -> Any:
     torch.set_num_threads(before)
 
 
-def _params() -> list[Any]:
-    return [pytest.param(c, id=c.id, marks=() if c.smoke else (pytest.mark.slow,))
-            for c in all_cases()]
+def _params(smoke: bool) -> list[Any]:
+    return [pytest.param(c, id=c.id) for c in all_cases() if c.smoke or not smoke]
+
+
+# the default run's smoke cases skip check 4 (an fp16 export + ONNX Runtime validation is
+# 2-60 s per model on a busy 2-core machine), except on this one
+SMOKE_EXPORT = "timm:resnet/resnet10t"
 
 
 def _record(case: ZooCase, res: CaseResult, record_property: Any) -> None:
@@ -60,9 +65,22 @@ def _record(case: ZooCase, res: CaseResult, record_property: Any) -> None:
             f.write(json.dumps({**res.as_dict(), "strategy": strategy}) + "\n")
 
 
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.slow
+@pytest.mark.parametrize("case", _params(smoke=False))
 def test_zoo(case: ZooCase, tmp_path: Path, record_property: Any) -> None:
     checks = CHECKS if case.export is None else tuple(c for c in CHECKS if c != "export")
+    _check_case(case, checks, tmp_path, record_property)
+
+
+@pytest.mark.parametrize("case", _params(smoke=True))
+def test_zoo_smoke(case: ZooCase, tmp_path: Path, record_property: Any) -> None:
+    export = case.id == SMOKE_EXPORT and case.export is None
+    _check_case(case, CHECKS if export else CHECKS[:-1], tmp_path, record_property)
+
+
+def _check_case(case: ZooCase, checks: tuple[str, ...], tmp_path: Path,
+                record_property: Any) -> None:
+    """Run the checks; fail on what is not a listed known failure (or on a fixed one)."""
     res = run_case(case, checks=checks, workdir=tmp_path)
     _record(case, res, record_property)
     assert not res.error, f"{case.id}: {res.error}"
