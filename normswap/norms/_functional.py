@@ -51,7 +51,6 @@ from ._layout import (
     from_channel_view,
     like_layout,
     view_batch_and_positions,
-    view_broadcast,
     view_index,
 )
 from ._reduce import ProcessGroupReducer

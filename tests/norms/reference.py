@@ -6,7 +6,6 @@ Slow and memory-hungry on purpose: they are the float64 references the fast laye
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from normswap.norms._functional import C_L1, linf_constant
