@@ -309,21 +309,57 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_example(model: nn.Module, text: str | None) -> tuple[Any, ...]:
+    """The export's example input: ``--input-shape``, else guessed from the model (batch 1)."""
+    if text:
+        shape = _shape(text)
+        return (_example(model, shape, text),)
+    from .inputs import guess_inputs
+
+    reasons: list[str] = []
+    guess = guess_inputs(model, batch=1, reasons=reasons)
+    if guess is None or guess.kwargs:
+        why = "; ".join(reasons[:2]) or "the model declares no input"
+        raise NormswapError(f"could not guess an example input ({why}); pass --input-shape, "
+                            "e.g. 1,3,224,224")
+    log.info("export input: %s", guess.describe())
+    return tuple(guess.args)
+
+
+def _plot_path(report_path: Path) -> Path:
+    return report_path.with_name(report_path.stem + ".ranges.png")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .api import fold
     from .export import export_onnx
 
-    check_output_paths([("-o", args.output)], force=args.force)
-    shape_text = args.input_shape or "1,3,224,224"
-    shape = _shape(shape_text) or (1, 3, 224, 224)
+    fp16: bool | str = {"auto": "auto", "on": True, "off": False}[args.fp16]
+    report_path = Path(args.report) if args.report else None
+    plot = report_path is not None and fp16 and _has_matplotlib()
+    check_output_paths([("-o", args.output), ("--report", report_path),
+                        ("--report (plot)", _plot_path(report_path) if plot else None)],
+                       force=args.force)
     model = _model_from(args.model, args.arch, parse_assignments(args.arch_arg))
-    example = (_example(model, shape, shape_text),)
+    example = _export_example(model, args.input_shape)
     if args.fold:
         model = fold(model, example_inputs=example)
-    rep = export_onnx(model, example, args.output, fp16=args.fp16, force=args.force,
-                      dynamic_batch=not args.static_batch)
+    rep = export_onnx(model, example, args.output, fp16=fp16, force=args.force,
+                      dynamic_batch=not args.static_batch, strict=not args.write_failed)
     _say(args, rep.table())
+    if report_path is not None:
+        rep.write(report_path, force=args.force)
+        _say(args, f"wrote {report_path}")
+        if plot:
+            rep.plot_ranges(_plot_path(report_path), force=args.force)
+            _say(args, f"wrote {_plot_path(report_path)}")
     return 0 if rep.passed in (True, None) else 2
+
+
+def _has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 # --------------------------------------------------------------------------- parser
@@ -400,10 +436,18 @@ def build_parser() -> argparse.ArgumentParser:
     arch_opts(e)
     leaf_opt(e)
     e.add_argument("-o", "--output", required=True)
-    e.add_argument("--fp16", action="store_true")
+    e.add_argument("--fp16", nargs="?", const="on", default="off", choices=("on", "off", "auto"),
+                   help="convert to fp16 with range guards; '--fp16 auto' also searches for the "
+                        "few nodes to keep in fp32 when the fp16 verdict fails")
     e.add_argument("--fold", action="store_true", help="fold norms into weights first")
-    e.add_argument("--input-shape", help="e.g. 1,3,224,224 (the default)")
+    e.add_argument("--input-shape", help="e.g. 1,3,224,224 (default: guessed from the model)")
     e.add_argument("--static-batch", action="store_true")
+    e.add_argument("--report", metavar="PATH",
+                   help="also write the export report: .json, .md or .html by suffix; with "
+                        "--fp16 and matplotlib installed, PATH's stem + .ranges.png plots every "
+                        "node's activation range against the fp16 limits")
+    e.add_argument("--write-failed", action="store_true",
+                   help="write the ONNX file even when validation fails (exit code 2)")
     e.add_argument("--force", action="store_true")
     e.set_defaults(func=cmd_export)
     return p

@@ -78,10 +78,20 @@ class PassReport:
         self.note(message, node, "warning")
 
     def extend(self, other: "PassReport") -> "PassReport":
-        """Append another report's entries, key map and metrics to this one; returns self."""
+        """Append another report's entries, key map and metrics to this one; returns self.
+
+        Integer counts present in both (``folded``, ``kalman_layers`` ... of several captured
+        regions) are added up; other metrics are replaced.
+        """
         self.entries.extend(other.entries)
         self.key_map.update(other.key_map)
-        self.metrics.update(other.metrics)
+        for k, v in other.metrics.items():
+            old = self.metrics.get(k)
+            if (isinstance(v, int) and isinstance(old, int) and not isinstance(v, bool)
+                    and not isinstance(old, bool)):
+                self.metrics[k] = old + v
+            else:
+                self.metrics[k] = v
         return self
 
     # -- reading ------------------------------------------------------------------------------

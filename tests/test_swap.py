@@ -72,10 +72,11 @@ def test_swap_is_eval_exact_and_leaves_no_bn(method: str) -> None:
     assert "b1" in rep.table()
 
 
-def test_key_map_lists_renamed_keys_and_kalman_keeps_bn_keys() -> None:
+def test_key_map_is_empty_l1_and_kalman_keep_bn_keys() -> None:
     model = _net()
     l1 = normswap.swap(model, "l1")
-    assert l1.normswap_report.key_map["b1.running_var"] == "b1.running_scale"
+    assert l1.normswap_report.key_map == {}
+    assert set(l1.state_dict()) == set(model.state_dict())
     kal = normswap.swap(model, "kalman")
     assert kal.normswap_report.key_map == {}
     assert set(kal.state_dict()) == set(model.state_dict())
@@ -247,7 +248,7 @@ def test_train_only_branches_survive_module_mode() -> None:
     model = randomize_bn(torchvision.models.googlenet(aux_logits=True, init_weights=True))
     out = normswap.swap(model.eval(), "l1", example_inputs=torch.randn(1, 3, 64, 64))
     assert type(out).__name__ == "GoogLeNet" and not batchnorm_like_modules(out)
-    assert out.aux1 is not None and "aux1.conv.bn.running_scale" in out.state_dict()
+    assert out.aux1 is not None and "aux1.conv.bn.running_var" in out.state_dict()
     kal = normswap.swap(model.eval(), "kalman", example_inputs=torch.randn(1, 3, 64, 64))
     assert any("aux1" in w.message for w in kal.normswap_report.warnings)
     assert kal.normswap_report.key_map["aux1.conv.bn.running_var"] is None

@@ -59,7 +59,7 @@ FP16_MIN_NORMAL = 6.103515625e-05
 FP16_MIN_SUBNORMAL = 5.960464477539063e-08
 
 #: Op types kept in fp32 by default: sums of squares / products / powers overflow fp16 long
-#: before their inputs do (REFERENCE §9: ``var`` of fp16 data with σ = 300 is inf).
+#: before their inputs do (``var`` of fp16 data with σ = 300 is inf; docs/fp16_validation.md).
 FP32_OP_TYPES: tuple[str, ...] = (
     "Pow", "ReduceSumSquare", "ReduceL2", "ReduceProd", "ReduceLogSumExp", "ReduceLogSum",
 )

@@ -41,7 +41,7 @@ from onnx import ModelProto
 from torch import nn
 
 from .._fs import OutputPathError, atomic_write_bytes, check_output_path
-from .._modules import as_inputs, safe_deepcopy
+from .._modules import ModuleStateGuard, as_inputs, safe_deepcopy
 from ..errors import ExportError, NumericalMismatchError
 from ..progress import stage
 from ..report import PassReport
@@ -177,7 +177,8 @@ def export_fp32_proto(model: nn.Module, inputs: tuple[Any, ...], *, dynamic_batc
             shapes: Any = _dynamic_shapes(inputs) if dynamic_batch else None
             if isinstance(model, _PlainOutputs) and shapes is not None:
                 shapes = (shapes,)  # forward(*args): one entry for the whole tuple
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), \
+                    ModuleStateGuard(model):
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(
                     model, inputs, dynamo=True, opset_version=opset, optimize=True,
@@ -205,7 +206,7 @@ def export_fp32_proto(model: nn.Module, inputs: tuple[Any, ...], *, dynamic_batc
         out_names = [f"output_{i}" for i in range(n_out)] if n_out > 1 else ["output"]
         axes = {n: {0: "batch"} for n in names + out_names} if dynamic_batch else None
         buf = io.BytesIO()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), ModuleStateGuard(model):
             warnings.simplefilter("ignore")
             torch.onnx.export(model, inputs, buf, dynamo=False, input_names=names,
                               output_names=out_names, dynamic_axes=axes,

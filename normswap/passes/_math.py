@@ -116,7 +116,7 @@ def fold_bn_into_weights(weight: Tensor, bias: Tensor | None, scale: Tensor, shi
 
 def normprop_params(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor,
                     kappa: float = KAPPA) -> tuple[Tensor, Tensor]:
-    """NormProp ``(γ, β)`` reproducing ``scale·(W∗x + b0) + shift`` (REFERENCE §4).
+    """NormProp ``(γ, β)`` reproducing ``scale·(W∗x + b0) + shift`` (docs/maths.md "NormProp").
 
     Args:
         weight: conv/linear weight, output units on dim 0.

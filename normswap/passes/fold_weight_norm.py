@@ -1,4 +1,4 @@
-"""Fold weight normalisation into plain weights (REFERENCE §6).
+"""Fold weight normalisation into plain weights (docs/maths.md, "Weight norms").
 
 Rewrite: a weight-normalised layer recomputes its weight on every call,
 
