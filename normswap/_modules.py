@@ -79,13 +79,18 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
     return (example_inputs,)
 
 
-_SKIP_ATTRS = frozenset({"_parameters", "_buffers", "_modules", "training",
-                         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                         "_state_dict_hooks", "_load_state_dict_pre_hooks"})
+_SLOTS = ("_parameters", "_buffers", "_modules")
+_HOOK_SLOTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+_SKIP_ATTRS = frozenset(_SLOTS + _HOOK_SLOTS + ("training",))
 
 
 class ModuleStateGuard:
-    """Restore every module's plain attributes (and its parameter/buffer/child slots) on exit.
+    """Restore every module's plain attributes, its parameter/buffer/child slots and its hooks
+    on exit.
 
     Use around anything that runs a model with proxies or fake tensors (tracing, export,
     shape propagation)::
@@ -94,35 +99,35 @@ class ModuleStateGuard:
             torch.export.export(model, inputs)
 
     Attributes set during the block are restored to their previous values, attributes added are
-    removed, and the ``_parameters``/``_buffers``/``_modules`` slots are put back as they were
-    (tensor contents are not copied: an in-place change to a buffer's data is not undone).
+    removed, the ``_parameters``/``_buffers``/``_modules`` slots are put back as they were, and
+    hooks registered during the block are removed (a library that installs its hooks on the first
+    forward and marks that in an attribute would otherwise install them twice). Tensor contents
+    are not copied: an in-place change to a buffer's data is not undone.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any],
-                                dict[str, Any], bool]] = []
+        self._saved: list[tuple[nn.Module, dict[str, Any], dict[str, dict[Any, Any]], bool]] = []
 
     def __enter__(self) -> "ModuleStateGuard":
         self._saved = []
         for mod in self.model.modules():
             plain = {k: v for k, v in vars(mod).items() if k not in _SKIP_ATTRS}
-            self._saved.append((mod, plain, dict(mod._parameters), dict(mod._buffers),
-                                dict(mod._modules), mod.training))
+            slots = {k: dict(getattr(mod, k)) for k in _SLOTS + _HOOK_SLOTS
+                     if isinstance(getattr(mod, k, None), dict)}
+            self._saved.append((mod, plain, slots, mod.training))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for mod, plain, params, buffers, children, training in self._saved:
+        for mod, plain, slots, training in self._saved:
             current = vars(mod)
             for k in [k for k in current if k not in _SKIP_ATTRS and k not in plain]:
                 del current[k]
             current.update(plain)
-            mod._parameters.clear()
-            mod._parameters.update(params)
-            mod._buffers.clear()
-            mod._buffers.update(buffers)
-            mod._modules.clear()
-            mod._modules.update(children)
+            for name, content in slots.items():
+                slot = getattr(mod, name)
+                slot.clear()
+                slot.update(content)
             mod.training = training
         self._saved = []
 

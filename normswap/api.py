@@ -29,7 +29,7 @@ from .errors import (
     VerificationError,
 )
 from .passes._infra import PassStep
-from .passes._match import FUNCTIONAL_BATCH_NORM, batchnorm_like_modules
+from .passes._match import FUNCTIONAL_BATCH_NORM, batchnorm_like_modules, is_batchnorm
 from .passes.fold_conv_bn import fold_conv_bn, is_foldable_norm
 from .passes.fold_weight_norm import fold_weight_norm
 from .passes.kalman_prior import remove_kalman_priors
@@ -327,12 +327,12 @@ def _handle_uncovered(m: Method, result: nn.Module, work: nn.Module, uncovered: 
     """BatchNorms no captured graph reached: module walk, or a refusal for graph methods."""
     if not uncovered:
         return
-    if result is not work:  # the whole model came back as a graph: these are not in it
-        dropped = [p for p in uncovered if not _has_path(result, p)]
-        if dropped:
-            report.warn(f"{len(dropped)} BatchNorm module(s) are not used by the eval-mode "
-                        f"forward and are not in the returned graph (e.g. auxiliary heads): "
-                        f"{dropped[:6]}{' ...' if len(dropped) > 6 else ''}")
+    root = work if result is work else result
+    dropped = [p for p in uncovered if not _has_batchnorm(root, p)]
+    if dropped:  # inside a region returned as a graph: not used by its eval forward
+        report.warn(f"{len(dropped)} BatchNorm module(s) are not used by the eval-mode "
+                    f"forward and are not in the returned graph (e.g. auxiliary heads): "
+                    f"{dropped[:6]}{' ...' if len(dropped) > 6 else ''}")
         uncovered = [p for p in uncovered if p not in dropped]
         if not uncovered:
             return
@@ -351,7 +351,6 @@ def _handle_uncovered(m: Method, result: nn.Module, work: nn.Module, uncovered: 
 
             refuse_if_strict(sub, True)
         return
-    root = work if result is work else result
     walked = walk_swap(root, uncovered, factory, report, why=why)
     if strict:
         from .passes.swap_norm import refuse_if_strict
@@ -378,6 +377,15 @@ def _capture_hint(cap: Capture) -> str:
     if not cap.attempts:
         return ""
     return f" (capture: {cap.attempts[-1].describe()})"
+
+
+def _has_batchnorm(root: nn.Module, path: str) -> bool:
+    """Whether a BatchNorm still sits at ``path`` (a returned graph may hold only a container
+    of its tensors there, or nothing)."""
+    try:
+        return is_batchnorm(root.get_submodule(path))
+    except AttributeError:
+        return False
 
 
 def _has_path(root: nn.Module, path: str) -> bool:

@@ -51,6 +51,7 @@ from ..passes._match import (
     is_batchnorm,
     is_normswap_layer,
 )
+from ..passes._infra import cleanup
 from ..progress import stage
 from ._export import export_graph
 from ._tracers import BnSubclasses, NormTracer, ValueTracer, trace
@@ -291,12 +292,34 @@ def _tracer_kwargs(leaf_modules: Sequence[str | type], bn_subclasses: BnSubclass
     return {"leaf_modules": leaf_modules, "bn_subclasses": bn_subclasses}
 
 
+@contextlib.contextmanager
+def _unwrapped_forward(module: nn.Module) -> Iterator[None]:
+    """Trace the function a decorated ``forward`` wraps (Hugging Face wraps ``forward`` in
+    ``def wrapper(self, *args, **kwargs)``, which fx cannot trace through); the capture check
+    against the real module decides whether the unwrapped code computes the same."""
+    cls = type(module)
+    original = cls.__dict__.get("forward")
+    unwrapped = inspect.unwrap(cls.forward)
+    if unwrapped is cls.forward:
+        yield
+        return
+    cls.forward = unwrapped  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if original is None:
+            del cls.forward
+        else:
+            cls.forward = original  # type: ignore[method-assign]
+
+
 def _fx(module: nn.Module, args: tuple[Any, ...] | None, kwargs: dict[str, Any],
         leaf_modules: Sequence[str | type], bn_subclasses: BnSubclasses
         ) -> tuple[fx.GraphModule, list[str]]:
     concrete = unspecified_defaults(module, args or (), kwargs) if args is not None else None
-    return trace(module, leaf_modules, bn_subclasses=bn_subclasses,
-                 concrete_args=concrete or None), []
+    with _unwrapped_forward(module):
+        return trace(module, leaf_modules, bn_subclasses=bn_subclasses,
+                     concrete_args=concrete or None), []
 
 
 def _fx_shape(module: nn.Module, args: tuple[Any, ...] | None, kwargs: dict[str, Any],
@@ -306,7 +329,8 @@ def _fx_shape(module: nn.Module, args: tuple[Any, ...] | None, kwargs: dict[str,
         raise CaptureInputError("shape-aware tracing needs example inputs")
     tracer = ValueTracer(args, kwargs, **_tracer_kwargs(leaf_modules, bn_subclasses))
     concrete = unspecified_defaults(module, args, kwargs)
-    graph = tracer.trace(module, concrete_args=concrete or None)
+    with _unwrapped_forward(module):
+        graph = tracer.trace(module, concrete_args=concrete or None)
     gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
     gm.train(module.training)
     spec = sorted({f"{name}: {what}" for name, what in tracer.specialised})
@@ -399,6 +423,7 @@ def _try_strategies(result: Capture, path: str, module: nn.Module,
             with stage(f"capture {label}", name), ModuleStateGuard(result.root), _quiet():
                 gm, spec = _STRATEGY_FN[name](module, args, kwargs, _relative(leaf_modules, path),
                                              bn_subclasses)
+                cleanup(gm)
                 checked = False
                 if args is not None:
                     with torch.no_grad():

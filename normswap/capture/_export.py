@@ -68,9 +68,21 @@ def export_graph(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
         except Exception as exc:  # noqa: BLE001 - dynamic dims refused: retry static
             log.debug("export with dynamic dims failed (%s); retrying with static shapes", exc)
             program = torch.export.export(module, tuple(args), kwargs, strict=False)
-        gm = program.module()
+        exported = program.module()
+    gm = _plain_graph_module(exported, type(module).__name__)
     lift_modules(gm, module, lift)
     gm.train(module.training)
+    return gm
+
+
+def _plain_graph_module(exported: fx.GraphModule, name: str) -> fx.GraphModule:
+    """An ordinary, trainable ``fx.GraphModule`` with the exported module's graph (the module
+    ``ExportedProgram.module()`` returns refuses ``.train()``)."""
+    gm = fx.GraphModule(exported, exported.graph, name)
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(exported, attr):
+            setattr(gm, attr, getattr(exported, attr))
+    gm.recompile()
     return gm
 
 
