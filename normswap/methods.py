@@ -61,3 +61,12 @@ def _selu(gm: fx.GraphModule, **options: Any) -> tuple[fx.GraphModule, PassRepor
     from .passes.strip_norm import strip_for_selu
 
     return strip_for_selu(gm, **options)
+
+
+@register_graph_method("bwn", aliases=("boundedweightnorm", "boundedwn", "meanonlybn"),
+                       summary="Bounded weight norm + mean-only BN (Hoffer et al. 2018): "
+                               "conv/linear -> BN pairs, no batch variance")
+def _bwn(gm: fx.GraphModule, **options: Any) -> tuple[fx.GraphModule, PassReport]:
+    from .passes.to_bwn import to_bwn
+
+    return to_bwn(gm, **options)

@@ -1,5 +1,8 @@
 """Model-zoo sweep: every torchvision model with BatchNorm, swapped with l1/linf/kalman, has no
 BatchNorm left and computes the same eval function (randomised statistics, 1e-5 relative).
+``bwn`` converts conv/linear -> BN pairs: a BN with no conv of its own before it (DenseNet's
+pre-activation BNs; those after torchvision video models' Conv3d subclasses, which fx traces into
+a call_function conv3d) is kept with a reason (strict=False), every other one is converted.
 
 The default run covers a representative subset; ``-m slow`` covers every model.
 """
@@ -16,7 +19,7 @@ from normswap.passes._match import batchnorm_like_modules
 
 from .conftest import randomize_bn, rel_err, swapped
 
-METHODS = ["l1", "linf", "kalman"]
+METHODS = ["l1", "linf", "kalman", "bwn"]
 RTOL = 1e-5
 
 # Classification models without any BatchNorm: nothing to swap (their norm is LayerNorm or none).
@@ -59,10 +62,19 @@ def _build(name: str, **kw: object) -> nn.Module:
 def _check_same(model: nn.Module, x: torch.Tensor, pick=lambda o: o) -> None:
     with torch.no_grad():
         ref = pick(model(x))
+    n_bn = len(batchnorm_like_modules(model))
     for method in METHODS:
-        out = normswap.swap(model, method, verify=False)
-        assert not batchnorm_like_modules(out), method
-        assert len(swapped(out.normswap_report)) == len(batchnorm_like_modules(model))
+        if method == "bwn":
+            out = normswap.swap(model, method, verify=False, strict=False, example_inputs=x)
+            rep = out.normswap_report
+            kept = batchnorm_like_modules(out)
+            assert len(kept) == len(rep.skips), rep.table()
+            assert all("no preceding Conv" in s.reason for s in rep.skips), rep.table()
+            assert sum(c.after.startswith("MeanOnly") for c in rep.changes) == n_bn - len(kept)
+        else:
+            out = normswap.swap(model, method, verify=False)
+            assert not batchnorm_like_modules(out), method
+            assert len(swapped(out.normswap_report)) == n_bn
         with torch.no_grad():
             got = pick(out.eval()(x))
         assert rel_err(got, ref) < RTOL, (method, rel_err(got, ref))

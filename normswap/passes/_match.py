@@ -5,6 +5,7 @@ behaviour in their own ``forward``."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any, Iterable
 
 import torch
@@ -16,6 +17,13 @@ from ..norms._common import is_frozen_batchnorm, overrides_forward
 
 __all__ = [
     "BN_TYPES",
+    "CONV_TYPES",
+    "CONV_TRANSPOSE_TYPES",
+    "AFFINE_LAYER_TYPES",
+    "module_call_counts",
+    "shared_param_ids",
+    "layer_before_norm",
+    "out_channels",
     "NormTracer",
     "trace",
     "is_batchnorm",
@@ -36,6 +44,10 @@ BN_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
 )
 FUNCTIONAL_BATCH_NORM = (F.batch_norm, torch.batch_norm)
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+AFFINE_LAYER_TYPES: tuple[type[nn.Module], ...] = CONV_TYPES + CONV_TRANSPOSE_TYPES + (nn.Linear,)
 
 
 def is_batchnorm(m: nn.Module) -> bool:
@@ -165,3 +177,76 @@ def is_impure(node: fx.Node) -> bool:
 def eliminate_dead_code(gm: fx.GraphModule) -> None:
     """fx dead-code elimination that keeps in-place calls whose result is unused."""
     gm.graph.eliminate_dead_code(is_impure_node=is_impure)
+
+
+# -- the layer feeding a norm ------------------------------------------------------------------
+def module_call_counts(gm: fx.GraphModule) -> Counter[str]:
+    """How many ``call_module`` nodes call each module target."""
+    return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+
+
+def shared_param_ids(model: nn.Module) -> Counter[int]:
+    """How many modules hold each parameter tensor (tied weights count more than once)."""
+    counts: Counter[int] = Counter()
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            counts[id(p)] += 1
+    return counts
+
+
+def out_channels(layer: nn.Module) -> int:
+    """Output channels of a Conv/ConvTranspose (``out_channels``) or Linear (``out_features``)."""
+    return int(layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels)
+
+
+def layer_before_norm(gm: fx.GraphModule, norm_node: fx.Node, calls: Counter[str],
+                      param_owners: Counter[int]) -> tuple[fx.Node | None, str | None]:
+    """The Conv/ConvTranspose/Linear node feeding ``norm_node``, and why a rewrite that changes
+    that layer's weights (a fold, a bounded-WN conversion) must not use it.
+
+    Refused: no such layer directly before the norm, a layer module called more than once, a
+    layer output with other users, a parameter shared with another module (tied weights), no
+    floating-point weight, a Linear whose output is not ``(N, C)`` (needs ``tensor_meta`` from
+    :class:`torch.fx.passes.shape_prop.ShapeProp`). The channel count is the caller's check.
+
+    Args:
+        gm: the traced model.
+        norm_node: the norm's node (its first argument is the candidate layer).
+        calls: :func:`module_call_counts` of ``gm``.
+        param_owners: :func:`shared_param_ids` of ``gm``.
+
+    Returns:
+        ``(layer_node, reason)``: ``layer_node`` is set whenever the input is such a layer
+        (also when it is refused), ``reason`` is None when the rewrite may use it.
+    """
+    arg = norm_node.args[0] if norm_node.args else None
+    if not isinstance(arg, fx.Node) or arg.op != "call_module":
+        what = arg.format_node() if isinstance(arg, fx.Node) else repr(arg)
+        producer = f"'{arg.name}' ({arg.op} {arg.target})" if isinstance(arg, fx.Node) else what
+        return None, f"no preceding Conv/ConvTranspose/Linear: its input comes from {producer}"
+    layer = gm.get_submodule(str(arg.target))
+    kind = type(layer).__name__
+    if not isinstance(layer, AFFINE_LAYER_TYPES):
+        return None, f"no preceding Conv/ConvTranspose/Linear: '{arg.target}' is {kind}"
+    if calls[str(arg.target)] > 1:
+        return arg, (f"'{arg.target}' ({kind}) is called {calls[str(arg.target)]} times; "
+                     "rewriting its weights would change its other calls")
+    if len(arg.users) > 1:
+        others = sorted(u.name for u in arg.users if u is not norm_node)
+        return arg, (f"output of '{arg.target}' has {len(arg.users)} users (also "
+                     f"{', '.join(others)}); rewriting its weights would change what they see")
+    shared = [n for n, p in layer.named_parameters(recurse=False) if param_owners[id(p)] > 1]
+    if shared:
+        return arg, f"'{arg.target}'.{shared[0]} is shared with another module (tied weights)"
+    if getattr(layer, "weight", None) is None or layer.weight.dtype not in (
+            torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return arg, f"'{arg.target}' has no floating-point weight"
+    if isinstance(layer, nn.Linear):
+        meta = arg.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            return arg, ("Linear output rank unknown: folding is only valid for (N, C) outputs; "
+                         "pass example_inputs so shapes can be propagated")
+        if len(meta.shape) != 2:
+            return arg, (f"Linear output has shape {tuple(meta.shape)}: the norm normalises dim "
+                         "1 but the Linear's features are the last dim, so they cannot fold")
+    return arg, None

@@ -43,12 +43,18 @@ from .._modules import as_inputs, safe_deepcopy, set_submodule
 from ..norms.affine import ChannelAffine
 from ..report import PassReport
 from ._match import (
-    eliminate_dead_code,
     BN_TYPES,
+    CONV_TRANSPOSE_TYPES,
+    CONV_TYPES,
     FUNCTIONAL_BATCH_NORM,
     NormTracer,
+    eliminate_dead_code,
     is_frozen_batchnorm,
+    layer_before_norm,
+    module_call_counts,
+    out_channels,
     overrides_forward,
+    shared_param_ids,
 )
 from .fold_weight_norm import fold_weight_norm
 
@@ -62,11 +68,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-CONV_TRANSPOSE_TYPES: tuple[type[nn.Module], ...] = (
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_FOLD_TARGETS = CONV_TYPES + CONV_TRANSPOSE_TYPES + (nn.Linear,)
 
 TrainMode = Literal["skip", "freeze"]
 _FP16_MAX = 65504.0
@@ -182,57 +183,17 @@ class _Site:
         self.reason: str | None = None
 
 
-def _shared_param_ids(gm: nn.Module) -> Counter[int]:
-    """How many modules hold each parameter tensor (tied weights count more than once)."""
-    counts: Counter[int] = Counter()
-    for mod in gm.modules():
-        for p in mod.parameters(recurse=False):
-            counts[id(p)] += 1
-    return counts
-
-
 def _fold_refusal(site: _Site, gm: fx.GraphModule, calls: Counter[str],
                   param_owners: Counter[int]) -> str | None:
     """Why the norm at this site cannot fold into the node before it (None when it can)."""
-    arg = site.node.args[0] if site.node.args else None
-    if not isinstance(arg, fx.Node) or arg.op != "call_module":
-        what = arg.format_node() if isinstance(arg, fx.Node) else repr(arg)
-        producer = f"'{arg.name}' ({arg.op} {arg.target})" if isinstance(arg, fx.Node) else what
-        return f"no preceding Conv/ConvTranspose/Linear: its input comes from {producer}"
-    layer = gm.get_submodule(str(arg.target))
-    if not isinstance(layer, _FOLD_TARGETS):
-        return (f"no preceding Conv/ConvTranspose/Linear: '{arg.target}' is {_layer_kind(layer)}")
-    site.layer_node = arg
-    if calls[str(arg.target)] > 1:
-        return (f"'{arg.target}' ({_layer_kind(layer)}) is called {calls[str(arg.target)]} times; "
-                "folding would change its other calls")
-    if len(arg.users) > 1:
-        others = sorted(u.name for u in arg.users if u is not site.node)
-        return (f"output of '{arg.target}' has {len(arg.users)} users (also {', '.join(others)}); "
-                "folding would change what they see")
-    shared = [n for n, p in layer.named_parameters(recurse=False) if param_owners[id(p)] > 1]
-    if shared:
-        return f"'{arg.target}'.{shared[0]} is shared with another module (tied weights)"
-    if getattr(layer, "weight", None) is None or layer.weight.dtype not in (
-            torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        return f"'{arg.target}' has no floating-point weight"
+    site.layer_node, reason = layer_before_norm(gm, site.node, calls, param_owners)
+    if reason is not None or site.layer_node is None:
+        return reason
     scale, _ = norm_scale_shift(site.norm)
-    if isinstance(layer, nn.Linear):
-        meta = arg.meta.get("tensor_meta")
-        if meta is None or not hasattr(meta, "shape"):
-            return ("Linear output rank unknown: folding is only valid for (N, C) outputs; "
-                    "pass example_inputs so shapes can be propagated")
-        if len(meta.shape) != 2:
-            return (f"Linear output has shape {tuple(meta.shape)}: the norm normalises dim 1 "
-                    "but the Linear's features are the last dim, so they cannot fold")
-        out_channels = layer.out_features
-    elif isinstance(layer, CONV_TRANSPOSE_TYPES):
-        out_channels = layer.out_channels
-    else:
-        out_channels = layer.out_channels
-    if scale.numel() != out_channels:
-        return (f"norm has {scale.numel()} channels but '{arg.target}' has {out_channels} "
-                "outputs")
+    channels = out_channels(gm.get_submodule(str(site.layer_node.target)))
+    if scale.numel() != channels:
+        return (f"norm has {scale.numel()} channels but '{site.layer_node.target}' has "
+                f"{channels} outputs")
     return None
 
 
@@ -280,8 +241,8 @@ def fold_conv_bn(gm: fx.GraphModule, *, train_mode: TrainMode = "skip",
     if opts:
         log.debug("fold_conv_bn: ignoring options %s", sorted(opts))
     report = PassReport(title="fold conv+bn")
-    calls: Counter[str] = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
-    param_owners = _shared_param_ids(gm)
+    calls = module_call_counts(gm)
+    param_owners = shared_param_ids(gm)
 
     sites: list[_Site] = []
     for node in gm.graph.nodes:
@@ -394,7 +355,7 @@ def _fold_sequential_walk(model: nn.Module, train_mode: TrainMode) -> PassReport
     """Fallback without a graph: fold adjacent Conv→norm pairs inside ``nn.Sequential``."""
     report = PassReport(title="fold conv+bn (module walk)")
     uses: Counter[int] = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    param_owners = _shared_param_ids(model)
+    param_owners = shared_param_ids(model)
     seen: set[str] = set()
     for seq_name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
