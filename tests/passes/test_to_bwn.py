@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import normswap
@@ -443,3 +444,17 @@ def test_converted_model_trains(dtype: torch.dtype) -> None:
     assert torch.equal(conv.parametrizations.weight[0].rho, rho0)  # the bound is fixed
     assert not torch.equal(out.get_submodule("m5").running_mean, mean0)
     assert out.get_submodule("m5").running_mean.dtype == dtype
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(9)
+    model = _prepare(torchvision.models.resnet18(num_classes=10))
+    x = torch.randn(2, 3, 64, 64)
+    out = normswap.swap(model, "bwn", example_inputs=x)
+    path = normswap.save(out, tmp_path / "r18_bwn.pt", arch="torchvision:resnet18",
+                         arch_kwargs={"num_classes": 10})
+    loaded = normswap.load(None, path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), out.eval()(x), rtol=0, atol=0)
+    rho = "layer2.0.conv1.parametrizations.weight.0.rho"
+    assert torch.equal(loaded.state_dict()[rho], out.state_dict()[rho])
