@@ -16,8 +16,11 @@ weights) on MNIST in two input settings: images scaled to 0–1000 (the fp16-ove
               ``ρ`` fixed at the initial root-mean-square channel norm) followed by
               ``MeanOnlyBatchNorm2d``: no batch variance anywhere.
 
-   All convs start from the same He (fan-in) initialisation; BN and L1 nets do not depend on
-   the weight scale, the BWN net keeps it as its bound.
+   Initialisation (``--init``): by default BN and L1 keep PyTorch's default conv init (as in
+   ``fp16_hoffer.py``) and BWN gets He (fan-in) init, which its bound ``ρ`` then keeps: a
+   mean-only BN does not restore the activation scale, and PyTorch's default init shrinks it by
+   ~2.4× per layer. ``--init he`` gives all three nets the He init (a BN net's function does not
+   depend on the weight scale, but its effective learning rate ``∝ lr/‖w‖²`` does).
 
 2. Conversion: each seed's trained ``bn`` model goes through ``normswap.swap(bn, "bwn")`` and
    ``normswap.swap(bn, "l1")`` (accuracy at conversion), ``--finetune-steps`` steps of fine-tuning
@@ -55,13 +58,15 @@ SETTINGS: dict[str, tuple[float, Callable[[Tensor], Tensor] | None]] = {
 }
 
 
-def build(name: str) -> nn.Module:
-    """The emulated-fp16 CNN for one norm, He-initialised (BWN: bounded WN on every conv)."""
+def build(name: str, init: str = "standard") -> nn.Module:
+    """The emulated-fp16 CNN for one norm (BWN: He init and bounded WN on every conv; BN/L1:
+    PyTorch's default init, or He with ``init="he"``)."""
     norm = {"bn": nn.BatchNorm2d, "l1": L1BatchNorm2d, "bwn": MeanOnlyBatchNorm2d}[name]
     model = common.make_cnn(norm, conv=HalfEmuConv2d, linear=HalfEmuLinear)
     for m in model.modules():
         if isinstance(m, HalfEmuConv2d):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if name == "bwn" or init == "he":
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             if name == "bwn":
                 apply_bounded_weight_norm(m, learn_gain="bounded")
     return model
@@ -137,7 +142,7 @@ def run_setting(setting: str, args: Any) -> dict[str, Any]:
         models = {}
         for name in NORMS:
             torch.manual_seed(seed)
-            model = build(name)
+            model = build(name, args.init)
             stats = common.train(model, data.x_train, data.y_train, lr=args.lr, seed=seed,
                                  input_fn=to_input, desc=f"{setting} {name} seed {seed}",
                                  progress=not args.no_progress, check_fn=nonfinite_statistics)
@@ -160,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr-finetune", type=float, default=0.005, help="peak lr of the fine-tune")
     p.add_argument("--finetune-steps", type=int, default=50)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--init", choices=("standard", "he"), default="standard",
+                   help="standard: PyTorch's default init for BN/L1, He for BWN; he: He for all")
     args = p.parse_args(argv)
     common.setup(args)
     if args.quick:
@@ -167,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("emulated fp16: fp16 activations, conv/linear = fp32 accumulation of fp16 operands, "
           f"norms on fp16 tensors, fp32 master weights; lr {args.lr} -> 0 over one epoch, "
           f"batch 128, SGD momentum 0.9; fine-tune {args.finetune_steps} steps at lr "
-          f"{args.lr_finetune} -> 0; non-finite steps are skipped")
+          f"{args.lr_finetune} -> 0; non-finite steps are skipped; init {args.init}")
     results = {s: run_setting(s, args) for s in args.settings}
     print(results[args.settings[0]]["data"])
 
@@ -258,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = {
         "paper": "Hoffer, Banner, Golan, Soudry 2018, Norm matters (bounded weight norm)",
         "lr": args.lr, "lr_finetune": args.lr_finetune, "finetune_steps": args.finetune_steps,
+        "init": args.init,
         "table": table, "conversion_table": conv_table, "png": str(png),
         "settings": {s: summary(results[s]) for s in args.settings},
     }

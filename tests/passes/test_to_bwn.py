@@ -421,7 +421,7 @@ def _train_steps(model: nn.Module, dtype: torch.dtype, steps: int = 4) -> list[f
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
