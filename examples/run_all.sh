@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-for name in fp16_hoffer microbatch_kalman selu_snn normprop_arpit convert_checkpoint; do
+for name in fp16_hoffer bwn_hoffer microbatch_kalman selu_snn normprop_arpit convert_checkpoint; do
     echo "== examples/${name}.py"
     start=$(date +%s)
     mkdir -p examples/out

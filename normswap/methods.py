@@ -14,6 +14,7 @@ from .passes._infra import PassStep
 from .passes.fold_conv_bn import fold_conv_bn
 from .passes.kalman_prior import propagate_kalman_priors
 from .passes.strip_norm import alpha_dropout, selu_activations, selu_init
+from .passes.to_bwn import to_bwn
 from .passes.to_normprop import to_normprop
 from .registry import Method, register_method, register_norm
 
@@ -79,3 +80,8 @@ register_method(Method(
     aliases=("snn", "selfnormalizing"),
     summary="Strip BN for a self-normalizing SELU net (Klambauer et al. 2017); changes the "
             "function, needs fine-tuning"))
+
+register_method(Method(
+    "bwn", steps=(PassStep(to_bwn),), aliases=("boundedweightnorm", "boundedwn", "meanonlybn"),
+    summary="Bounded weight norm + mean-only BN (Hoffer et al. 2018): conv/linear -> BN pairs, "
+            "no batch variance"))

@@ -123,3 +123,17 @@ def test_convert_checkpoint(tmp_path: Path) -> None:
     assert data["eval_exact_identical"] is True
     for entry in data["methods"].values():
         assert {"acc_finetuned", "acc_folded", "acc_onnx_fp16", "onnx_passed"} <= set(entry)
+
+
+def test_bwn_hoffer(tmp_path: Path) -> None:
+    data = _run("bwn_hoffer", tmp_path)
+    assert set(data["settings"]) == {"0-1000", "standardised"}
+    for setting in data["settings"].values():
+        assert set(setting["scratch"]) == {"bn", "l1", "bwn"}
+        for entry in setting["scratch"].values():
+            assert {"acc", "acc_mean", "nonfinite_stat_steps", "nonfinite_steps"} <= set(entry)
+        assert set(setting["converted"]) == {"bwn", "l1"}
+        bwn = setting["converted"]["bwn"]
+        assert bwn["left_after_fold"] == [[]]  # fold leaves no norm layer, no parametrization
+        assert bwn["verify_rel"][0] < 1e-2  # verified at conversion (fp16 tolerance)
+        assert {"acc_at_conversion", "acc_finetuned", "acc_folded"} <= set(bwn)

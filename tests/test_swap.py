@@ -299,7 +299,7 @@ def test_strict_refuses_what_fallback_cannot_keep() -> None:
 
 
 def test_unknown_method_lists_choices() -> None:
-    with pytest.raises(UnknownMethodError, match="choose one of: kalman, l1, linf"):
+    with pytest.raises(UnknownMethodError, match="choose one of: bwn, kalman, l1, linf"):
         normswap.swap(_net(), "l3")
     with pytest.raises(ValueError):
         normswap.swap(_net(), "l3")

@@ -157,7 +157,7 @@ def _grafted_class(base: type, owner_cls: type, src: str, forward: Any,
     if cls is None:
         if base is GraftRemainder:
             name, bases = f"{owner_cls.__name__}[folded]", (GraftRemainder,)
-            extra: dict[str, Any] = {}
+            extra: dict[str, Any] = {"_graft_norm_reads_input": reads_input}
         else:
             name, bases = f"{base.__name__}[{owner_cls.__name__}]", (GraftedNorm, base)
             extra = {NORM_CALL: _norm_method(base), "_graft_norm_reads_input": reads_input}
@@ -194,7 +194,7 @@ def _owner_code(owner: nn.Module, path: str) -> tuple[type, str, dict[str, Any],
         exec(compile(owner._graft_src, f"<normswap graft {owner._graft_owner.__name__}>",
                      "exec"), namespace)
         return (owner._graft_owner, owner._graft_src, owner._graft_globals,
-                namespace["forward"], norm_reads_input(owner) or isinstance(owner, GraftRemainder), "")
+                namespace["forward"], norm_reads_input(owner), "")
     try:
         gm = _trace_owner(owner, training=False)
     except Exception as exc:  # noqa: BLE001 - reported with the remedy

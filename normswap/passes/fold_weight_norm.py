@@ -27,7 +27,6 @@ It also works on a ``GraphModule`` (it walks ``gm.modules()``). The pass mutates
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from typing import Any, Literal
 
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..errors import UnsupportedNodeError
+from ..norms.bwn import BoundedWeightNorm, apply_bounded_weight_norm
 from ..report import PassReport
 
 __all__ = [
@@ -86,80 +86,6 @@ def weight_norm_value(g: Tensor, v: Tensor, dim: int | None = 0) -> Tensor:
     return (g.detach().double() * v64 / _norm_except(v64, dim)).to(v.dtype)
 
 
-class BoundedWeightNorm(nn.Module):
-    """Hoffer et al.'s bounded weight norm as a ``torch.nn.utils.parametrize`` parametrization.
-
-    ``w_i = ρ · v_i/‖v_i‖`` (slices ``i`` along ``dim``), or with ``learn_gain=True``
-    ``w_i = ρ·sqrt(C)·(g_i/‖g‖₂)·v_i/‖v_i‖``: a per-channel gain whose total norm is fixed.
-
-    Args:
-        rho: the fixed per-slice norm ``ρ``.
-        num_slices: ``C``, the size of ``dim`` (needed for the gain).
-        dim: the dim whose slices are normalised (0 = output channels for Conv/Linear).
-        learn_gain: add a learnable per-slice gain ``g`` (initialised to ones).
-    """
-
-    def __init__(self, rho: float, num_slices: int, dim: int = 0, learn_gain: bool = False) -> None:
-        super().__init__()
-        if not rho > 0 or not math.isfinite(rho):
-            raise ValueError(f"BoundedWeightNorm needs a finite rho > 0, got {rho}")
-        self.rho = float(rho)
-        self.dim = dim
-        self.num_slices = num_slices
-        self.gain = nn.Parameter(torch.ones(num_slices)) if learn_gain else None
-
-    def scale(self, v: Tensor) -> Tensor:
-        """The per-slice factor ``w/v`` (broadcastable to ``v``), in ``v``'s dtype."""
-        shape = [1] * v.dim()
-        shape[self.dim] = -1
-        factor = self.rho / _norm_except(v, self.dim)
-        if self.gain is not None:
-            g = self.gain.to(v.dtype)
-            factor = factor * (math.sqrt(self.num_slices) * g / g.norm()).reshape(shape)
-        return factor
-
-    def forward(self, v: Tensor) -> Tensor:
-        """Return the bounded-norm weight for direction ``v``."""
-        return v * self.scale(v)
-
-    def extra_repr(self) -> str:
-        return f"rho={self.rho}, dim={self.dim}, gain={self.gain is not None}"
-
-
-def apply_bounded_weight_norm(module: nn.Module, name: str = "weight", rho: float | None = None,
-                              dim: int = 0, learn_gain: bool = False) -> nn.Module:
-    """Register :class:`BoundedWeightNorm` on ``module.<name>`` (in place).
-
-    Args:
-        module: a Conv/Linear (any module with the parameter).
-        name: the parameter to parametrize.
-        rho: the fixed per-slice norm; default the mean slice norm of the current weight.
-        dim: the dim whose slices are normalised.
-        learn_gain: see :class:`BoundedWeightNorm`.
-
-    Returns:
-        ``module``.
-    """
-    weight = getattr(module, name)
-    if rho is None:
-        rho = float(_norm_except(weight.detach().double(), dim).mean())
-    param = BoundedWeightNorm(rho, weight.shape[dim], dim=dim, learn_gain=learn_gain)
-    parametrize.register_parametrization(module, name, param)
-    return module
-
-
-def _bounded_value(p: BoundedWeightNorm, v: Tensor) -> Tensor:
-    """Float64 evaluation of a BoundedWeightNorm, cast to ``v.dtype``."""
-    v64 = v.detach().double()
-    shape = [1] * v64.dim()
-    shape[p.dim] = -1
-    factor = p.rho / _norm_except(v64, p.dim)
-    if p.gain is not None:
-        g = p.gain.detach().double()
-        factor = factor * (math.sqrt(p.num_slices) * g / g.norm()).reshape(shape)
-    return (v64 * factor).to(v.dtype)
-
-
 def _zero_message(name: str, slices: list[int], form: str) -> str:
     return (f"{name}: v has zero norm in slice(s) {slices[:8]}{' ...' if len(slices) > 8 else ''} "
             f"({form} would be NaN there)")
@@ -194,11 +120,8 @@ def _exact_value(p_list: Any, originals: list[Tensor]) -> tuple[Tensor | None, s
                 _zero_message("", zero, "g·v/‖v‖") if zero else None, "weight_norm")
     if isinstance(p, BoundedWeightNorm) and len(originals) == 1:
         (v,) = originals
-        zero = _zero_slices(v, p.dim)
-        if p.gain is not None and float(p.gain.detach().double().norm()) == 0.0:
-            return None, "gain g has zero norm (g/‖g‖ would be NaN)", "bounded_weight_norm"
-        return (None if zero else _bounded_value(p, v),
-                _zero_message("", zero, "ρ·v/‖v‖") if zero else None, "bounded_weight_norm")
+        reason = p.nan_reason(v)
+        return (None if reason else p.exact_value(v), reason, "bounded_weight_norm")
     return None, None, type(p).__name__
 
 
