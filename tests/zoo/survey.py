@@ -55,7 +55,7 @@ def _worker(ids: list[str], out: Path, *, all_exports: bool = False) -> None:
             f.write(json.dumps({"start": cid}) + "\n")
             f.flush()
             case = by_id[cid]
-            checks = ("swap:l1", "swap:linf", "swap:kalman", "kalman-priors", "fold") + (
+            checks = ("swap:l1", "swap:linf", "swap:kalman", "swap:bwn", "kalman-priors", "fold") + (
                 ("export",) if case.export is None or all_exports else ())
             t0 = time.perf_counter()
             res = run_case(case, checks=checks).as_dict()
@@ -151,7 +151,8 @@ def _commit() -> str:
 
 
 # -- markdown ----------------------------------------------------------------------------------
-_CHECK_COLS = ("swap:l1", "swap:linf", "swap:kalman", "kalman-priors", "fold", "export")
+_CHECK_COLS = ("swap:l1", "swap:linf", "swap:kalman", "swap:bwn", "kalman-priors", "fold",
+               "export")
 
 
 def _cell(res: dict[str, Any], check: str) -> str:
