@@ -50,7 +50,7 @@ def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True, msg=k)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,0 +1,191 @@
+"""Hostile input at the API: every case works or fails with a clear, named error; the user's
+model and its state are never changed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normswap
+from normswap.errors import (
+    MethodOptionError,
+    NumericalMismatchError,
+    UnsupportedModelError,
+    UnsupportedNodeError,
+)
+from normswap.passes._match import batchnorm_like_modules
+
+from .conftest import assert_same_state, randomize_bn, rel_err, state_snapshot
+
+
+def _net() -> nn.Module:
+    return randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))).eval()
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+def test_torchscript_module_is_refused_with_the_remedy() -> None:
+    scripted = torch.jit.script(_net())
+    with pytest.raises(UnsupportedModelError, match="TorchScript module.*unscripted"):
+        normswap.swap(scripted, "l1")
+    with pytest.raises(UnsupportedModelError, match="TorchScript"):
+        normswap.fold(scripted)
+
+
+def test_meta_device_model_is_refused_naming_a_tensor() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(UnsupportedModelError, match="meta device.*'0.weight'.*assign=True"):
+        normswap.swap(model, "l1")
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "negative"])
+def test_invalid_statistics_are_refused_naming_the_layer(bad: str) -> None:
+    model = _net()
+    value = {"nan": float("nan"), "inf": float("inf"), "negative": -1.0}[bad]
+    with torch.no_grad():
+        model[4].running_var[1] = value
+    before = state_snapshot(model)
+    with pytest.raises(UnsupportedNodeError, match="'4' \\(BatchNorm2d\\)"):
+        normswap.swap(model, "l1", example_inputs=X)
+    assert_same_state(state_snapshot(model), before)
+    kept = normswap.swap(model, "l1", example_inputs=X, strict=False, verify=False)
+    assert isinstance(kept[4], nn.BatchNorm2d) and [s.node for s in
+                                                    kept.normswap_report.skips] == ["4"]
+
+
+def test_nan_output_is_never_reported_as_equal() -> None:
+    @normswap.register_norm("_test_nan", summary="writes NaN into the running mean")
+    def _nan(bn: nn.Module) -> nn.Module:
+        from normswap.norms.lp_batchnorm import l1_from_batchnorm
+
+        new = l1_from_batchnorm(bn)
+        with torch.no_grad():
+            new.running_mean.fill_(float("nan"))
+        return new
+
+    with pytest.raises(NumericalMismatchError, match="NaN|non-finite"):
+        normswap.swap(_net(), "_test_nan", example_inputs=X)
+
+
+def test_model_with_batchnorms_but_nothing_swapped_is_an_error() -> None:
+    class Opaque(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _net()
+
+    # a BN subclass that calls batch_norm twice cannot be grafted: nothing is swapped
+    class Twice(nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias)
+            return F.batch_norm(y, self.running_mean, self.running_var)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), randomize_bn(Twice(4))).eval()
+    with pytest.raises(UnsupportedNodeError, match="batch_norm 2 times"):
+        normswap.swap(model, "l1", example_inputs=X)
+    out = normswap.swap(model, "l1", example_inputs=X, strict=False)
+    assert out.normswap_report.skips and isinstance(out[1], Twice)
+
+
+def test_frozen_parameters_and_hooks_survive_the_swap() -> None:
+    model = _net()
+    model[1].weight.requires_grad_(False)
+    model[1].bias.requires_grad_(False)
+    seen: list[tuple[int, ...]] = []
+    model[4].register_forward_hook(
+        lambda m, i, o: seen.append(tuple((o[0] if isinstance(o, tuple) else o).shape)))
+    for method in ("l1", "linf", "kalman"):
+        out = normswap.swap(model, method, example_inputs=X)
+        bn1, bn4 = out.get_submodule("1"), out.get_submodule("4")
+        assert not bn1.weight.requires_grad and not bn1.bias.requires_grad, method
+        assert bn4.weight.requires_grad, method
+        seen.clear()
+        with torch.no_grad():
+            out(X)
+        assert seen == [(2, 4, 4, 4)], method
+
+
+def test_legacy_weight_norm_model_swaps_and_folds() -> None:
+    model = nn.Sequential(nn.utils.weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4))
+    model = randomize_bn(model).eval()
+    with torch.no_grad():
+        model(X)  # the legacy hook leaves a non-leaf 'weight' tensor that deepcopy refuses
+    out = normswap.swap(model, "l1", example_inputs=X)
+    assert not batchnorm_like_modules(out)
+    folded = normswap.fold(out, example_inputs=X)
+    with torch.no_grad():
+        assert rel_err(folded(X), model(X)) < 1e-5
+
+
+class WithMask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.net(x)
+        if mask is not None:
+            y = y * mask
+        return y
+
+
+@pytest.mark.parametrize("method", ["l1", "kalman", "normprop", "bwn"])
+def test_forward_with_an_optional_argument(method: str) -> None:
+    model = WithMask().eval()
+    out = normswap.swap(model, method, example_inputs=X,
+                        **({"strict": False} if method == "normprop" else {}))
+    with torch.no_grad():
+        assert rel_err(out(X), model(X)) < 1e-5
+
+
+def test_untracked_statistics_mismatch_says_why() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    out = normswap.swap(model, "l1", example_inputs=X, strict=False, verify=False)
+    assert any("track_running_stats=False" in s.reason for s in out.normswap_report.skips) or \
+        not batchnorm_like_modules(out)
+
+
+def test_fold_of_an_fp16_model_never_makes_inf() -> None:
+    # outputs stay small (the conv's output sits at the running mean), but scale·W > 65504
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(0.5)
+        model[1].running_mean.copy_(model[0].bias)
+        model[1].running_var.fill_(1e-12)
+        model[1].weight.fill_(1e3)  # scale = 1e3 / sqrt(1e-5) = 3.2e5: scale·W = 1.6e5
+    model = model.half()
+    x = (torch.randn(2, 3, 8, 8) * 1e-4).half()
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+    folded = normswap.fold(model, example_inputs=x, verify=False)
+    with torch.no_grad():
+        assert torch.isfinite(folded(x)).all()
+    assert any("inf" in s.reason and "kept unfolded" in s.reason
+               for s in folded.normswap_report.skips)
+
+
+def test_option_errors() -> None:
+    with pytest.raises(MethodOptionError, match="'kapa'.*accepted options: kappa"):
+        normswap.swap(_net(), "normprop", kapa=2.0)
+    with pytest.raises(MethodOptionError, match="'mommentum'.*momentum"):
+        normswap.swap(_net(), "l1", mommentum=0.1)
+
+
+def test_the_users_model_is_never_modified() -> None:
+    model = _net()
+    flags = [m.training for m in model.modules()]
+    before = state_snapshot(model)
+    ids = [id(m) for m in model.modules()]
+    for method in ("l1", "linf", "kalman", "normprop", "bwn", "selu"):
+        normswap.swap(model, method, example_inputs=X, strict=False)
+    normswap.fold(model, example_inputs=X)
+    assert_same_state(state_snapshot(model), before)
+    assert [id(m) for m in model.modules()] == ids
+    assert [m.training for m in model.modules()] == flags
+    assert isinstance(model[1], nn.BatchNorm2d) and copy.deepcopy(model) is not None
