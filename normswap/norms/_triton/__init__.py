@@ -92,7 +92,15 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ...errors import NormswapError
-from .._functional import C_L1, _check_n, _like_layout, linf_constant
+from .._functional import C_L1, _check_n as _check_count, linf_constant
+from .._layout import like_layout as _like_layout
+
+
+def _check_n(x: Tensor, who: str) -> int:
+    """Elements per channel of ``x``, checked as the CPU path checks them."""
+    n = x.numel() // max(int(x.shape[1]), 1)
+    _check_count(n, x, who)
+    return n
 
 __all__ = ["TritonUnavailableError", "available", "l1_batch_norm", "linf_batch_norm"]
 
