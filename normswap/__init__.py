@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .api import fold, inspect, swap
 from .checkpoint import load, save
 from .errors import (

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._modules import as_inputs, safe_deepcopy
+from ._modules import ModuleStateGuard, as_inputs, safe_deepcopy
 from ._pipeline import leftover_batchnorms, rewrite_regions, walk_fold, walk_swap
 from .capture import Capture, CaptureInputError, capture
 from .errors import (
@@ -37,7 +37,7 @@ from .progress import stage
 from .registry import Method, get_method
 from .report import PassReport
 from .inputs import guess_inputs
-from .verify import verify_equivalence
+from .verify import run_reference, verify_equivalence
 
 __all__ = ["swap", "inspect", "fold"]
 
@@ -174,7 +174,7 @@ def _inputs_dtype(inputs: tuple[Any, ...] | None) -> torch.dtype:
 
 def _verify(original: nn.Module, rewritten: nn.Module, inputs: tuple[Any, ...] | None,
             kwargs: Mapping[str, Any], rtol: float | None, report: PassReport, *, guessed: str,
-            what: str) -> None:
+            what: str, reference: Any = None) -> None:
     """Check eval equivalence and record it; a check that cannot run is an error."""
     if inputs is None:
         raise VerificationError(
@@ -185,8 +185,13 @@ def _verify(original: nn.Module, rewritten: nn.Module, inputs: tuple[Any, ...] |
     pairs = [(c.node, c.node) for c in report.changes]
     t0 = time.perf_counter()
     with stage("verify"):
-        res = verify_equivalence(safe_deepcopy(original), rewritten, inputs, rtol=rtol,
-                                 layer_pairs=pairs, raise_on_fail=False, kwargs=dict(kwargs))
+        if reference is not None:  # recorded on the private copy before any rewrite
+            res = verify_equivalence(None, rewritten, inputs, rtol=rtol, raise_on_fail=False,
+                                     kwargs=dict(kwargs), reference=reference)
+        if reference is None or not res.passed:  # a copy of the original finds the layer
+            res = verify_equivalence(safe_deepcopy(original), rewritten, inputs, rtol=rtol,
+                                     layer_pairs=pairs, raise_on_fail=False,
+                                     kwargs=dict(kwargs))
     report.metrics.update(res.as_metrics())
     report.metrics["verify_seconds"] = round(time.perf_counter() - t0, 4)
     source = f" on {guessed}" if guessed else ""
@@ -298,7 +303,7 @@ def swap(model: nn.Module, method: str, *, example_inputs: Any = None,
     report.metrics["swap_seconds"] = round(time.perf_counter() - t0, 4)
     if verify and m.eval_exact:
         _verify(model, result, inputs, kwargs, rtol, report, guessed=guessed,
-                what=f"swap -> {m.name} of {type(model).__name__}")
+                what=f"swap -> {m.name} of {type(model).__name__}", reference=cap.output)
     elif not m.eval_exact:
         report.warn(f"'{m.name}' changes the function: outputs are not expected to match the "
                     "original; fine-tune (or retrain) the converted model")
@@ -483,10 +488,14 @@ def fold(model: nn.Module, *, example_inputs: Any = None,
     flags = {n: mod.training for n, mod in model.named_modules()}
     with stage("copy model"):
         work = safe_deepcopy(model).eval()
+    inputs, kwargs, guessed = _resolve_inputs(work, example_inputs, example_kwargs, report)
+    reference = None
+    if inputs is not None and verify:  # the original's output, before any weight changes
+        with ModuleStateGuard(work):
+            reference = run_reference(work, inputs, kwargs)
     if fold_weight_norms:
         work, wn_report = fold_weight_norm(work)
         report.extend(wn_report)
-    inputs, kwargs, guessed = _resolve_inputs(work, example_inputs, example_kwargs, report)
     cap, inputs = _capture(work, inputs, kwargs, leaf_modules, False, guessed, report)
     covered = cap.covered()
     uncovered = [n for n, mod in work.named_modules()
@@ -504,7 +513,7 @@ def fold(model: nn.Module, *, example_inputs: Any = None,
     report.metrics["fold_seconds"] = round(time.perf_counter() - t0, 4)
     if verify:
         _verify(model, result, inputs, kwargs, rtol, report, guessed=guessed,
-                what=f"fold of {type(model).__name__}")
+                what=f"fold of {type(model).__name__}", reference=reference)
     _restore_flags(result, flags, model.training)
     result.normswap_report = report  # type: ignore[assignment]
     return result

@@ -18,6 +18,7 @@ The options a method accepts are the keyword parameters of its factory and of it
 context names ``strict``, ``example_inputs``, ``source``, ``factory``, ``method`` excepted);
 anything else is refused with the list of accepted options. Names are normalised
 (``"L1_BN"`` -> ``"l1"``); an unknown name raises :class:`~normswap.errors.UnknownMethodError`.
+The built-in methods are registered by :mod:`normswap.methods`, which the package imports.
 
 ::
 
@@ -157,19 +158,13 @@ def _first_line(fn: Callable[..., Any]) -> str:
 
 def available_methods() -> list[str]:
     """Canonical names of every registered method, sorted."""
-    _load_builtin()
     return sorted(_METHODS)
 
 
 def get_method(name: str) -> Method:
     """Look a method up by any of its spellings; unknown names raise UnknownMethodError."""
-    _load_builtin()
     key = _ALIASES.get(normalise_name(name))
     if key is None:
         raise UnknownMethodError(
             f"unknown method {name!r}; choose one of: {', '.join(sorted(_METHODS))}")
     return _METHODS[key]
-
-
-def _load_builtin() -> None:
-    from . import methods  # noqa: F401  (registers the built-in methods on import)

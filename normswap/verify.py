@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .errors import NumericalMismatchError, VerificationError
 from .inputs import default_example_inputs, iter_tensors
 
-__all__ = ["Verification", "Mismatch", "verify_equivalence", "compare_outputs",
+__all__ = ["Verification", "Mismatch", "verify_equivalence", "run_reference", "compare_outputs",
            "relative_error", "batch_stat_norms", "eval_mode", "default_example_inputs"]
 
 log = logging.getLogger(__name__)
@@ -507,10 +507,21 @@ def _run(model: nn.Module, inputs: Inputs, kwargs: Mapping[str, Any]) -> Any:
         return model(*args, **kw)
 
 
-def verify_equivalence(original: nn.Module, rewritten: nn.Module, inputs: Inputs, *,
+_NO_REFERENCE = object()
+
+
+def run_reference(model: nn.Module, inputs: Inputs, kwargs: Mapping[str, Any] | None = None
+                  ) -> Any:
+    """``model``'s output as the check computes it (no grad, inputs cloned, fixed RNG seed):
+    a reference recorded once and reused by :func:`verify_equivalence` (``reference=``)."""
+    return _run(model, inputs, dict(kwargs or {}))
+
+
+def verify_equivalence(original: nn.Module | None, rewritten: nn.Module, inputs: Inputs, *,
                        rtol: float = 1e-4, layer_pairs: Sequence[tuple[str, str]] = (),
                        raise_on_fail: bool = True,
-                       kwargs: Mapping[str, Any] | None = None) -> Verification:
+                       kwargs: Mapping[str, Any] | None = None,
+                       reference: Any = _NO_REFERENCE) -> Verification:
     """Compare eval-mode outputs of ``original`` and ``rewritten`` on ``inputs``.
 
     Both models run in eval mode without gradients on their own copy of the inputs, with the
@@ -528,6 +539,9 @@ def verify_equivalence(original: nn.Module, rewritten: nn.Module, inputs: Inputs
         layer_pairs: layers to compare on failure, in any order (execution order is used).
         raise_on_fail: raise on failure instead of returning a failed result.
         kwargs: keyword inputs, passed to both models.
+        reference: the original's output on ``inputs``, recorded earlier with
+            :func:`run_reference` (saves a copy and a run of the original); ``original`` is then
+            only run to find the first disagreeing layer of a failed check (None: not searched).
 
     Returns:
         The result (``passed``, errors, the worst output's path, the number of tensors
@@ -539,9 +553,17 @@ def verify_equivalence(original: nn.Module, rewritten: nn.Module, inputs: Inputs
             tensors).
     """
     kw = dict(kwargs or {})
-    with eval_mode(original, rewritten):
-        ref = _run(original, inputs, kw)
-        out = _run(rewritten, inputs, kw)
+    if reference is _NO_REFERENCE:
+        if original is None:
+            raise ValueError("verify_equivalence: pass the original model or its reference "
+                             "output")
+        with eval_mode(original, rewritten):
+            ref = _run(original, inputs, kw)
+            out = _run(rewritten, inputs, kw)
+    else:
+        ref = reference
+        with eval_mode(rewritten):
+            out = _run(rewritten, inputs, kw)
     mismatches, compared, max_abs, rel, worst = compare_outputs(out, ref, rtol=rtol)
     if compared == 0:
         mismatches.append(Mismatch("out", "empty", "out: no tensor was compared (the outputs "
@@ -549,7 +571,7 @@ def verify_equivalence(original: nn.Module, rewritten: nn.Module, inputs: Inputs
     shapes = [list(t.shape) for t in iter_tensors((tuple(inputs), kw))]
     result = Verification(max_abs, rel, rtol, not mismatches, shapes, tensors_compared=compared,
                           worst_output=worst, mismatches=mismatches)
-    if not result.passed:
+    if not result.passed and original is not None:
         result.batch_stat_norms = batch_stat_norms(original)
         (result.worst_layer, result.worst_layer_rel,
          result.layers_checked) = _worst_layer(original, rewritten, inputs, kw, layer_pairs)

@@ -193,9 +193,11 @@ def record_calls(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 
     for name, mod in model.named_modules():
         handles.append(mod.register_forward_pre_hook(hook(name), with_kwargs=True))
+    from ..verify import run_reference  # the reference the verification reuses
+
     try:
         with ModuleStateGuard(model), torch.no_grad():
-            output = model(*args, **kwargs)
+            output = run_reference(model, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - reported as unusable inputs
         raise CaptureInputError(
             f"the example inputs do not run through {type(model).__name__}: "
