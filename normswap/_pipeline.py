@@ -140,8 +140,10 @@ def rewrite_regions(cap: Capture, steps: Sequence[PassStep], *,
         inputs = cap.calls.get(region.path, (None, {}))[0] if region.path else context.get(
             "example_inputs")
         ctx = {**context, "source": module, "example_inputs": inputs}
+        sub = PassReport()
         gm = run_passes(region.gm, steps, user_options=user_options, context=ctx,
-                        report=report, method=method)
+                        report=sub, method=method)
+        report.extend(sub.prefixed(region.path))
         region.gm = gm
         after = graph_structure(gm.graph)
         if after == before:

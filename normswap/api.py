@@ -207,8 +207,7 @@ def _verify(original: nn.Module, rewritten: nn.Module, inputs: tuple[Any, ...] |
                     "discontinuous post-processing downstream (NMS, top-k, thresholds); check "
                     "the outputs you care about")
     else:
-        raise NumericalMismatchError(f"{what}{source}: {res.message()} Or pass verify=False "
-                                     "to skip the check.")
+        raise NumericalMismatchError(f"{what}{source}: {res.message()}")
 
 
 def _restore_flags(result: nn.Module, flags: Mapping[str, bool], default: bool) -> None:

@@ -385,21 +385,36 @@ def write_checkpoint(path: str | os.PathLike[str], state_dict: Mapping[str, torc
 
 
 def write_hf_folder(model: nn.Module, folder: str | os.PathLike[str], meta: dict[str, Any], *,
-                    force: bool = False) -> Path:
+                    force: bool = False, template: nn.Module | None = None) -> Path:
     """Write a converted Hugging Face model as a ``save_pretrained`` folder plus
     ``normswap.json``, atomically (built in a temp sibling folder, then renamed).
 
+    A conversion returned as an ``fx.GraphModule`` (Kalman with graph priors) has no
+    ``save_pretrained``; when its state_dict has the original's keys (``l1``, ``linf``,
+    ``kalman``: BatchNorm's keys), it is written through ``template`` (the original model),
+    loaded strictly with the converted weights, and ``normswap load`` rebuilds the conversion.
+
     Raises:
-        CheckpointError: the model has no ``save_pretrained`` (e.g. the conversion returned an
-            ``fx.GraphModule``); OutputPathError: the folder exists without ``force``, or is a
-            folder normswap did not write.
+        CheckpointError: the model cannot be written as a folder (no ``save_pretrained`` and
+            state keys the original class cannot hold); OutputPathError: the folder exists
+            without ``force``, or is a folder normswap did not write.
     """
     saver = getattr(model, "save_pretrained", None)
+    if not callable(saver) and template is not None and callable(
+            getattr(template, "save_pretrained", None)):
+        state = model.state_dict()
+        if set(state) == set(template.state_dict()):
+            import copy
+
+            holder = copy.deepcopy(template)
+            holder.load_state_dict(state, strict=True)
+            saver = holder.save_pretrained
     if not callable(saver):
         raise CheckpointError(
-            f"the converted model is a {type(model).__name__} without save_pretrained (the "
-            "method needed the fx graph), so it cannot be written as a Hugging Face folder; "
-            "write a .pt or .safetensors checkpoint instead")
+            f"the converted model is a {type(model).__name__} without save_pretrained, and its "
+            "state keys differ from the original class's (the method changed the layers' "
+            "state), so it cannot be written as a Hugging Face folder; write a .pt or "
+            ".safetensors checkpoint instead")
     header = _header(meta)
 
     def write(tmp: str) -> None:

@@ -32,7 +32,7 @@ from torch import nn
 from . import progress
 from ._fs import check_output_dir, check_output_path, check_output_paths
 from .arch import ARCH_ARG_HELP, SPEC_HELP, is_hf_folder, parse_assignments, parse_spec
-from .errors import NormswapError, VerificationError
+from .errors import MethodOptionError, NormswapError, VerificationError
 
 __all__ = ["build_parser", "main"]
 
@@ -127,7 +127,8 @@ def _swap(model: nn.Module, method: str, options: dict[str, Any], raw_options: S
     try:
         return swap(model, method, **kwargs, **options)
     except (ValueError, TypeError) as exc:
-        if not options or isinstance(exc, NormswapError):
+        if not options or (isinstance(exc, NormswapError)
+                           and not isinstance(exc, MethodOptionError)):
             raise
         first = (str(exc).strip().splitlines() or [""])[0]
         raise NormswapError(f"--option {' '.join(raw_options)}: method '{method}' rejects it "
@@ -252,7 +253,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     meta = {"arch": arch_name, "arch_kwargs": arch_kwargs, **converted.normswap_method,
             "source": str(src)}
     if folder:
-        out = write_hf_folder(converted, args.output, meta, force=args.force)
+        out = write_hf_folder(converted, args.output, meta, force=args.force, template=model)
     else:
         out = write_checkpoint(args.output, converted.state_dict(), meta, force=args.force)
     if args.report:

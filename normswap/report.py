@@ -94,6 +94,27 @@ class PassReport:
                 self.metrics[k] = v
         return self
 
+    def prefixed(self, prefix: str) -> "PassReport":
+        """A copy whose node names and state keys are qualified by ``prefix`` (a captured
+        region's path), so that they name modules of the whole model."""
+        if not prefix:
+            return self
+        p = f"{prefix}."
+
+        def q(name: str) -> str:
+            return p + name if name and name != "-" and not name.startswith("<") else name
+
+        out = PassReport(title=self.title, metrics=dict(self.metrics))
+        for e in self.entries:
+            if isinstance(e, Change):
+                out.entries.append(Change(q(e.node), e.before, e.after, e.detail))
+            elif isinstance(e, Skip):
+                out.entries.append(Skip(q(e.node), e.op, e.reason))
+            else:
+                out.entries.append(Note(e.message, q(e.node), e.level))
+        out.key_map = {q(k): (None if v is None else q(v)) for k, v in self.key_map.items()}
+        return out
+
     # -- reading ------------------------------------------------------------------------------
     @property
     def changes(self) -> list[Change]:

@@ -103,12 +103,12 @@ class NormTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names:
             return True
-        if self.leaf_types and isinstance(m, self.leaf_types):
-            return True
         if is_normswap_layer(m):
             return True
-        if isinstance(m, _BatchNorm) or is_frozen_batchnorm(m):
+        if isinstance(m, _BatchNorm) or is_frozen_batchnorm(m):  # before any registry
             return self.bn_subclasses == "leaf" or not needs_graft(m)
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
 

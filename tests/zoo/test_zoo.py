@@ -15,6 +15,7 @@ Per model, the capture strategy and the time of each step go to the junit proper
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import socket
@@ -137,8 +138,11 @@ def test_torchvision_exclusions_have_no_batchnorm() -> None:
     from .cases_torchvision import NO_BATCHNORM
 
     for name in NO_BATCHNORM:
+        # weights_backbone too: detection models would fetch ImageNet backbone weights
+        params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
+        extra = {"weights_backbone": None} if "weights_backbone" in params else {}
         with torch.device("meta"):
-            model = torchvision.models.get_model(name, weights=None)
+            model = torchvision.models.get_model(name, weights=None, **extra)
         assert not any(isinstance(m, _BatchNorm) for m in model.modules()), name
 
 
