@@ -166,6 +166,8 @@ def _demo_export(model: nn.Module, example: tuple[torch.Tensor, ...],
     target = Path(out_dir or tempfile.mkdtemp(prefix="normswap-demo-")) / "demo_l1_fp16.onnx"
     rep = export_onnx(folded, example, target, fp16=True, force=force)
     verdict = {True: "pass", False: "FAIL", None: "not validated"}[rep.passed]
+    evaluators = ", ".join(ev.name for ev in rep.validation.evaluators
+                           if ev.checks_fp16) if rep.validation is not None else ""
     acc = float("nan")
     try:
         import onnxruntime as ort
@@ -181,7 +183,8 @@ def _demo_export(model: nn.Module, example: tuple[torch.Tensor, ...],
         log.warning("could not score the ONNX file: %s", exc)
     return DemoRow("l1 -> fold -> fp16 ONNX", 0, 0, "-", accuracy(model, data["x_test"],
                                                                    data["y_test"]),
-                   acc, "-", f"ORT CPU validation: {verdict} ({target})")
+                   acc, "-", f"fp16 validation: {verdict} ({evaluators or 'no fp16 evaluator'})"
+                   f"; wrote {target}")
 
 
 def format_rows(rows: list[DemoRow]) -> str:

@@ -3,8 +3,8 @@
 Every long step of normswap (capture, swap, verification, fold, ONNX export, range measurement,
 validation, calibration loops) runs inside :func:`stage` or iterates through :func:`iterate`:
 
-* :func:`stage` prints ``normswap: capture ...`` when the step starts and
-  ``normswap: capture done (1.23 s)`` when it ends, on stderr;
+* :func:`stage` prints ``normswap: capture ...`` once the step has run for a second, and
+  ``normswap: capture done (3.21 s)`` when it ends, on stderr (short steps stay silent);
 * :func:`iterate` shows a ``tqdm`` bar when tqdm is installed (one status line per 10 % of the
   work otherwise).
 
@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any, Iterable, Iterator, TypeVar
 
@@ -57,9 +58,14 @@ def _say(text: str) -> None:
         print(f"normswap: {'  ' * max(_depth - 1, 0)}{text}", file=sys.stderr, flush=True)
 
 
+#: a step is announced once it has run this long (short steps stay silent)
+ANNOUNCE_AFTER_S = 1.0
+
+
 @contextlib.contextmanager
 def stage(name: str, detail: str = "") -> Iterator[None]:
-    """Announce a step, time it, and report its end (or its failure).
+    """Time a step; when it runs longer than :data:`ANNOUNCE_AFTER_S`, announce it while it
+    runs (``normswap: capture (fx) ...``) and report its end (``... done (3.21 s)``).
 
     Args:
         name: what the step does (``"capture"``, ``"verify"``, ``"export onnx"``).
@@ -68,23 +74,35 @@ def stage(name: str, detail: str = "") -> Iterator[None]:
     global _depth
     label = f"{name} ({detail})" if detail else name
     _depth += 1
-    _say(f"{label} ...")
+    depth = _depth
+    announced = threading.Event()
+
+    def announce() -> None:
+        if progress_enabled():
+            print(f"normswap: {'  ' * max(depth - 1, 0)}{label} ...", file=sys.stderr,
+                  flush=True)
+            announced.set()
+
+    timer = threading.Timer(ANNOUNCE_AFTER_S, announce)
+    timer.daemon = True
+    timer.start()
     log.info("%s ...", label)
     t0 = time.perf_counter()
+    failed = False
     try:
         yield
     except BaseException:
-        dt = time.perf_counter() - t0
-        _say(f"{name} failed ({dt:.2f} s)")
-        log.info("%s failed (%.2f s)", name, dt)
+        failed = True
         raise
     finally:
+        timer.cancel()
+        dt = time.perf_counter() - t0
         _depth -= 1
-    dt = time.perf_counter() - t0
-    _depth += 1
-    _say(f"{name} done ({dt:.2f} s)")
-    _depth -= 1
-    log.info("%s done (%.2f s)", name, dt)
+        if announced.is_set():
+            word = "failed" if failed else "done"
+            print(f"normswap: {'  ' * max(depth - 1, 0)}{name} {word} ({dt:.2f} s)",
+                  file=sys.stderr, flush=True)
+        log.info("%s %s (%.2f s)", name, "failed" if failed else "done", dt)
 
 
 def iterate(items: Iterable[T], name: str, total: int | None = None) -> Iterator[T]:
@@ -100,21 +118,24 @@ def iterate(items: Iterable[T], name: str, total: int | None = None) -> Iterator
     if not progress_enabled():
         yield from items
         return
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is not None:
+    tqdm = None
+    if sys.stderr.isatty():
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+    if tqdm is not None:  # shown once the loop has run ANNOUNCE_AFTER_S
         yield from tqdm(items, total=total, desc=f"normswap: {name}", file=sys.stderr,
-                        leave=False, dynamic_ncols=True)
+                        leave=False, dynamic_ncols=True, delay=ANNOUNCE_AFTER_S)
         return
     step = max(1, (total or 10) // 10)
     t0 = time.perf_counter()
     for i, item in enumerate(items, 1):
         yield item
-        if i % step == 0 or (total is not None and i == total):
+        elapsed = time.perf_counter() - t0
+        if elapsed >= ANNOUNCE_AFTER_S and (i % step == 0 or (total is not None and i == total)):
             of = f"/{total}" if total else ""
-            _say(f"{name}: {i}{of} ({time.perf_counter() - t0:.1f} s)")
+            _say(f"{name}: {i}{of} ({elapsed:.1f} s)")
 
 
 def warn_once(key: str, message: str, logger: logging.Logger | None = None,
