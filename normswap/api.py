@@ -498,8 +498,7 @@ def fold(model: nn.Module, *, example_inputs: Any = None,
     cap, inputs = _capture(work, inputs, kwargs, leaf_modules, False, guessed, report)
     covered = cap.covered()
     uncovered = [n for n, mod in work.named_modules()
-                 if n and is_foldable_norm(mod) and n not in covered
-                 and not any(n.startswith(c + ".") for c in covered)]
+                 if n and is_foldable_norm(mod) and n not in covered]
     with stage("fold"):
         result, outcomes = rewrite_regions(
             cap, _FOLD_STEPS, user_options={"train_mode": train_mode,

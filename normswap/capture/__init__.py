@@ -356,11 +356,17 @@ def _export(module: nn.Module, args: tuple[Any, ...] | None, kwargs: dict[str, A
 _STRATEGY_FN = {"fx": _fx, "fx-shape": _fx_shape, "export": _export}
 
 
+def _is_norm(m: nn.Module) -> bool:
+    """A BatchNorm, or a normswap layer that normalises (it has an eval-mode affine)."""
+    return is_batchnorm(m) or (is_normswap_layer(m) and hasattr(m, "eval_scale_shift"))
+
+
 def _hides_batchnorm(m: nn.Module) -> bool:
-    """A non-BN module with BatchNorms inside (a leaf would hide them from the graph)."""
-    if is_batchnorm(m) or is_normswap_layer(m):
+    """A module that is no norm itself with norms inside (a leaf would hide them from the
+    graph)."""
+    if _is_norm(m) or is_normswap_layer(m):
         return False
-    return any(is_batchnorm(s) for s in m.modules() if s is not m)
+    return any(_is_norm(s) for s in m.modules() if s is not m)
 
 
 def capture(model: nn.Module, args: tuple[Any, ...] | None, kwargs: dict[str, Any] | None
@@ -520,9 +526,9 @@ def _capture_module(result: Capture, path: str, module: nn.Module,
 
 def _worth_capturing(m: nn.Module) -> bool:
     """A module that holds (or is) a BatchNorm, or has buffers a functional batch norm may use."""
-    if is_batchnorm(m):
-        return False  # the module walk replaces (or grafts) a BatchNorm without a graph
-    return any(is_batchnorm(s) for s in m.modules()) or any(True for _ in m.buffers())
+    if _is_norm(m):
+        return False  # the module walk replaces (or grafts) a norm without a graph
+    return any(_is_norm(s) for s in m.modules()) or any(True for _ in m.buffers())
 
 
 def _capture_hidden(result: Capture, region: Region, top_args: tuple[Any, ...] | None,
