@@ -5,7 +5,9 @@
 * :func:`op_kind`: one table mapping every spelling of an op that the passes reason about --
   a module call (``nn.ReLU``), a function (``F.relu``, ``torch.relu``), a method (``x.relu()``),
   an ATen overload from ``torch.export`` (``aten.relu_.default``) -- onto one canonical kind
-  (``"relu"``). Passes dispatch on the kind, never on the spelling.
+  (``"relu"``). Passes dispatch on the kind, never on the spelling; :func:`op_args` reads
+  an op's arguments by name from any spelling (module attributes, function arguments, ATen
+  schema arguments), :func:`describe_op` names it for reports.
 * Purity for dead-code elimination: fx's rule plus in-place calls (``x.relu_()``,
   ``inplace=True`` modules, mutating ATen overloads).
 * :func:`leaf_function`: helpers that passes insert as ``call_function`` nodes and that must
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import operator
 from typing import Any, Callable
@@ -21,6 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.operator_schemas import get_signature_for_torch_op, normalize_function
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..norms._common import is_frozen_batchnorm, overrides_forward
@@ -37,6 +41,11 @@ __all__ = [
     "functional_batch_norm_nodes",
     "batch_norm_args",
     "op_kind",
+    "OP_KINDS",
+    "op_args",
+    "describe_op",
+    "is_inplace",
+    "returns_tuple",
     "module_of",
     "is_residual_sum",
     "is_impure",
@@ -90,10 +99,6 @@ def functional_batch_norm_nodes(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op == "call_function" and n.target in FUNCTIONAL_BATCH_NORM]
 
 
-_F_BN_ORDER = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
-               "eps")
-_ATEN_BN_ORDER = ("input", "weight", "bias", "running_mean", "running_var", "training",
-                  "momentum", "eps", "cudnn_enabled")
 _BN_DEFAULTS = {"running_mean": None, "running_var": None, "weight": None, "bias": None,
                 "training": False, "momentum": 0.1, "eps": 1e-5}
 
@@ -102,11 +107,9 @@ def batch_norm_args(node: fx.Node) -> dict[str, Any]:
     """The arguments of a functional batch-norm node by name, whatever its spelling
     (``F.batch_norm`` orders them ``input, running_mean, running_var, weight, bias``;
     ``torch.batch_norm`` and ATen ``input, weight, bias, running_mean, running_var``)."""
-    order = _F_BN_ORDER if node.target is F.batch_norm else _ATEN_BN_ORDER
+    bound = op_args(node)
     out: dict[str, Any] = dict(_BN_DEFAULTS)
-    for name, value in zip(order, node.args):
-        out[name] = value
-    out.update({k: v for k, v in node.kwargs.items() if k in out or k == "input"})
+    out.update({k: v for k, v in bound.items() if k in out or k == "input"})
     return out
 
 
@@ -215,46 +218,88 @@ def _aten_ops(*names: str) -> list[Any]:
     return ops
 
 
+def _fns(module: Any, *names: str) -> list[Any]:
+    """The functions of ``module`` among ``names`` that this torch version has."""
+    return [getattr(module, n) for n in names if hasattr(module, n)]
+
+
 _KINDS: dict[str, dict[str, list[Any]]] = {
     # kind: {"modules": [...], "functions": [...], "methods": [...], "aten": [...]}
-    "relu": {"modules": [nn.ReLU], "functions": [F.relu, torch.relu, torch.relu_, F.relu_],
+    "relu": {"modules": [nn.ReLU], "functions": [F.relu, F.relu_, torch.relu, torch.relu_],
              "methods": ["relu", "relu_"], "aten": ["relu", "relu_"]},
     "add": {"functions": [operator.add, operator.iadd, torch.add], "methods": ["add", "add_"],
             "aten": ["add", "add_"]},
-    "sub": {"functions": [operator.sub, operator.isub, torch.sub], "methods": ["sub", "sub_"],
-            "aten": ["sub", "sub_"]},
-    "mul": {"functions": [operator.mul, operator.imul, torch.mul], "methods": ["mul", "mul_"],
-            "aten": ["mul", "mul_"]},
-    "div": {"functions": [operator.truediv, operator.itruediv, torch.div],
-            "methods": ["div", "div_"], "aten": ["div", "div_"]},
-    "cat": {"functions": [torch.cat, torch.concat, torch.concatenate], "aten": ["cat", "concat"]},
+    "sub": {"functions": [operator.sub, operator.isub, torch.sub, torch.subtract],
+            "methods": ["sub", "sub_", "subtract", "subtract_"], "aten": ["sub", "sub_"]},
+    "rsub": {"functions": [torch.rsub], "aten": ["rsub"]},
+    "mul": {"functions": [operator.mul, operator.imul, torch.mul, torch.multiply],
+            "methods": ["mul", "mul_", "multiply", "multiply_"], "aten": ["mul", "mul_"]},
+    "div": {"functions": [operator.truediv, operator.itruediv, torch.div, torch.divide,
+                          torch.true_divide],
+            "methods": ["div", "div_", "divide", "divide_", "true_divide", "true_divide_"],
+            "aten": ["div", "div_", "true_divide"]},
+    "neg": {"functions": [operator.neg, torch.neg, torch.negative],
+            "methods": ["neg", "neg_", "negative", "negative_"], "aten": ["neg", "neg_"]},
+    "cat": {"functions": [torch.cat, torch.concat, torch.concatenate],
+            "aten": ["cat", "concat", "concatenate"]},
     "max_pool": {"modules": [nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d],
-                 "functions": [F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d,
-                               torch.max_pool2d, torch.max_pool3d],
-                 "aten": ["max_pool1d", "max_pool2d", "max_pool3d",
+                 "functions": [F.max_pool1d, F.max_pool2d, F.max_pool3d,
+                               F.max_pool1d_with_indices, F.max_pool2d_with_indices,
+                               F.max_pool3d_with_indices, torch.max_pool1d, torch.max_pool2d,
+                               torch.max_pool3d],
+                 "aten": ["max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
                           "max_pool2d_with_indices", "max_pool3d_with_indices"]},
+    "adaptive_max_pool": {"modules": [nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                                      nn.AdaptiveMaxPool3d],
+                          "functions": [F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+                                        F.adaptive_max_pool3d, F.adaptive_max_pool1d_with_indices,
+                                        F.adaptive_max_pool2d_with_indices,
+                                        F.adaptive_max_pool3d_with_indices],
+                          "aten": ["adaptive_max_pool1d", "adaptive_max_pool2d",
+                                   "adaptive_max_pool3d"]},
     "avg_pool": {"modules": [nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d],
-                 "functions": [F.avg_pool1d, F.avg_pool2d, F.avg_pool3d],
+                 "functions": [F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, torch.avg_pool1d],
                  "aten": ["avg_pool1d", "avg_pool2d", "avg_pool3d"]},
     "adaptive_avg_pool": {"modules": [nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                                       nn.AdaptiveAvgPool3d],
                           "functions": [F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-                                        F.adaptive_avg_pool3d],
+                                        F.adaptive_avg_pool3d, torch.adaptive_avg_pool1d],
                           "aten": ["adaptive_avg_pool1d", "adaptive_avg_pool2d",
                                    "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
                                    "_adaptive_avg_pool3d"]},
     "mean": {"functions": [torch.mean], "methods": ["mean"], "aten": ["mean"]},
     "dropout": {"modules": [nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d],
-                "functions": [F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout],
-                "aten": ["dropout", "dropout_", "native_dropout"]},
+                "functions": [F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                              *_fns(torch, "dropout", "dropout_", "feature_dropout",
+                                    "feature_dropout_")],
+                "aten": ["dropout", "dropout_", "feature_dropout", "feature_dropout_",
+                         "native_dropout"]},
     "alpha_dropout": {"modules": [nn.AlphaDropout, nn.FeatureAlphaDropout],
-                      "functions": [F.alpha_dropout, F.feature_alpha_dropout],
-                      "aten": ["alpha_dropout", "feature_alpha_dropout"]},
-    "identity": {"modules": [nn.Identity], "aten": ["clone", "alias"]},
+                      "functions": [F.alpha_dropout, F.feature_alpha_dropout,
+                                    *_fns(torch, "alpha_dropout", "alpha_dropout_",
+                                          "feature_alpha_dropout", "feature_alpha_dropout_")],
+                      "aten": ["alpha_dropout", "alpha_dropout_", "feature_alpha_dropout",
+                               "feature_alpha_dropout_"]},
+    "identity": {"modules": [nn.Identity], "functions": [torch.clone],
+                 "methods": ["contiguous", "clone", "float", "double", "half", "bfloat16", "to",
+                             "type_as", "type", "cpu", "cuda"],
+                 "aten": ["clone", "alias", "_to_copy", "to", "contiguous", "lift_fresh_copy"]},
     "flatten": {"modules": [nn.Flatten], "functions": [torch.flatten], "methods": ["flatten"],
                 "aten": ["flatten"]},
     "reshape": {"functions": [torch.reshape], "methods": ["view", "reshape"],
                 "aten": ["view", "reshape", "_unsafe_view"]},
+    "layout": {"modules": [nn.Unflatten],
+               "functions": [torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+                             torch.movedim, torch.swapaxes, torch.unflatten],
+               "methods": ["permute", "transpose", "squeeze", "unsqueeze", "unflatten",
+                           "movedim", "swapaxes"],
+               "aten": ["permute", "transpose", "squeeze", "unsqueeze", "unflatten", "movedim",
+                        "swapaxes"]},
+    "shape": {"functions": [getattr], "methods": ["size", "dim", "numel", "stride", "nelement",
+                                                  "ndimension"],
+              "aten": ["sym_size", "sym_numel", "sym_stride", "sym_storage_offset",
+                       "_assert_tensor_metadata"]},
+    "getitem": {"functions": [operator.getitem]},
     "conv": {"modules": [nn.Conv1d, nn.Conv2d, nn.Conv3d],
              "functions": [F.conv1d, F.conv2d, F.conv3d],
              "aten": ["conv1d", "conv2d", "conv3d", "convolution"]},
@@ -267,16 +312,34 @@ _KINDS: dict[str, dict[str, list[Any]]] = {
                                nn.SyncBatchNorm],
                    "functions": [F.batch_norm, torch.batch_norm],
                    "aten": ["batch_norm"]},
-    "selu": {"modules": [nn.SELU], "functions": [F.selu, torch.selu], "methods": ["selu"],
+    "selu": {"modules": [nn.SELU], "functions": [F.selu, torch.selu, torch.selu_],
              "aten": ["selu", "selu_"]},
     "relu_like": {"modules": [nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.GELU, nn.SiLU,
-                              nn.Hardswish, nn.Mish, nn.PReLU, nn.RReLU, nn.Softplus],
+                              nn.Hardswish, nn.Mish, nn.PReLU, nn.RReLU],
                   "functions": [F.relu6, F.leaky_relu, F.elu, F.celu, F.gelu, F.silu,
-                                F.hardswish, F.mish, F.prelu, F.rrelu, F.softplus],
-                  "aten": ["relu6", "leaky_relu", "leaky_relu_", "elu", "elu_", "celu",
-                           "gelu", "silu", "silu_", "hardswish", "hardswish_", "mish",
-                           "hardtanh", "hardtanh_", "prelu", "softplus"]},
+                                F.hardswish, F.mish, F.prelu, F.rrelu,
+                                *_fns(F, "leaky_relu_", "elu_", "celu_", "rrelu_"),
+                                *_fns(torch, "celu", "celu_", "rrelu", "rrelu_", "prelu")],
+                  "aten": ["relu6", "relu6_", "leaky_relu", "leaky_relu_", "elu", "elu_",
+                           "celu", "celu_", "gelu", "gelu_", "silu", "silu_", "hardswish",
+                           "hardswish_", "mish", "mish_", "prelu", "_prelu_kernel", "rrelu",
+                           "rrelu_"]},
+    "gate": {"modules": [nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Softmax, nn.Hardtanh,
+                         nn.Softplus, nn.Tanhshrink],
+             "functions": [torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.hardsigmoid,
+                           F.softmax, torch.softmax, F.hardtanh, F.softplus, F.tanhshrink,
+                           *_fns(F, "hardtanh_")],
+             "methods": ["sigmoid", "sigmoid_", "tanh", "tanh_", "softmax"],
+             "aten": ["sigmoid", "sigmoid_", "tanh", "tanh_", "hardsigmoid", "hardsigmoid_",
+                      "softmax", "_softmax", "hardtanh", "hardtanh_", "softplus",
+                      "tanhshrink"]},
 }
+"""Every spelling of each canonical op kind. ``relu_like``: rectifier-like activations (SELU
+replaces them); ``gate``: gates and output squashers; ``layout``: ops that move or add
+dimensions; ``shape``: ops that read no values (``x.size()``, ``x.shape``)."""
+
+OP_KINDS: tuple[str, ...] = tuple(_KINDS)
+_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
 
 
 def _build_tables() -> tuple[dict[type, str], dict[Any, str], dict[str, str]]:
@@ -298,6 +361,16 @@ def _build_tables() -> tuple[dict[type, str], dict[Any, str], dict[str, str]]:
 _BY_MODULE, _BY_FUNCTION, _BY_METHOD = _build_tables()
 
 
+def _module_kind(m: nn.Module) -> str | None:
+    """A module's kind: its class or the nearest base class in the table whose ``forward`` it
+    does not override (a subclass with its own forward is not that op)."""
+    for cls in type(m).__mro__:
+        kind = _BY_MODULE.get(cls)
+        if kind is not None:
+            return kind if getattr(type(m), "forward") is getattr(cls, "forward") else None
+    return None
+
+
 def op_kind(node: fx.Node, gm: fx.GraphModule | None = None) -> str | None:
     """The canonical kind of ``node``'s op (``"relu"``, ``"add"``, ``"conv"`` ...), or None.
 
@@ -306,34 +379,218 @@ def op_kind(node: fx.Node, gm: fx.GraphModule | None = None) -> str | None:
         gm: the owning module, needed for ``call_module`` nodes (defaults to the graph's).
 
     Returns:
-        The kind from the table in this module; BatchNorm subclasses count as ``"batch_norm"``
-        when they do not override ``forward``; None for ops the table does not know.
+        A key of the table in this module (:data:`OP_KINDS`). BatchNorm subclasses count as
+        ``"batch_norm"`` when they need no graft; a module subclass that overrides
+        ``forward`` is not its base's kind; ATen ``hardtanh(x, 0, max)`` (an unlifted
+        ``nn.ReLU6``) is ``"relu_like"``; ``getattr`` is ``"shape"`` only for metadata
+        attributes. None for ops the table does not know.
     """
     if node.op == "call_module":
-        owner = gm if gm is not None else node.graph.owning_module
-        if owner is None:
+        m = _node_module(node, gm)
+        if m is None:
             return None
-        try:
-            m = owner.get_submodule(str(node.target))
-        except AttributeError:
-            return None
-        kind = _BY_MODULE.get(type(m))
+        kind = _module_kind(m)
         if kind is None and is_batchnorm(m) and not needs_graft(m):
             return "batch_norm"
         return kind
     if node.op == "call_function":
         try:
-            return _BY_FUNCTION.get(node.target)
+            kind = _BY_FUNCTION.get(node.target)
         except TypeError:  # unhashable target
             return None
+        if kind == "shape" and node.target is getattr:
+            return "shape" if len(node.args) > 1 and node.args[1] in _SHAPE_ATTRIBUTES else None
+        if kind == "gate" and isinstance(node.target, torch._ops.OpOverload):
+            args = op_args(node, gm)
+            if args.get("min_val", -1.0) == 0 and args.get("max_val", 0.0) > 0:
+                return "relu_like"  # ATen hardtanh(x, 0, 6): nn.ReLU6 when not lifted
+        return kind
     if node.op == "call_method":
         return _BY_METHOD.get(str(node.target))
     return None
 
 
+def _node_module(node: fx.Node, gm: fx.GraphModule | None) -> nn.Module | None:
+    owner = gm if gm is not None else node.graph.owning_module
+    if owner is None:
+        return None
+    try:
+        return owner.get_submodule(str(node.target))
+    except AttributeError:
+        return None
+
+
+# -- arguments by name, whatever the spelling ----------------------------------------------------
+_RENAMES = {"self": "input", "train": "training"}
+_OPERATOR_ARGS: dict[Any, tuple[str, ...]] = {
+    **{fn: ("input", "other") for fn in (
+        operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+        operator.truediv, operator.itruediv, operator.floordiv, operator.pow)},
+    operator.neg: ("input",), operator.getitem: ("input", "index"), getattr: ("input", "name"),
+}
+_SHAPE_VARARG_METHODS = frozenset({"view", "reshape", "permute", "expand", "repeat"})
+_MODULE_ATTRS: dict[str, tuple[str, ...]] = {
+    "relu": ("inplace",), "relu_like": ("inplace",), "selu": ("inplace",),
+    "max_pool": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "adaptive_max_pool": ("output_size", "return_indices"),
+    "avg_pool": ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                 "divisor_override"),
+    "adaptive_avg_pool": ("output_size",),
+    "dropout": ("p", "inplace"), "alpha_dropout": ("p", "inplace"),
+    "flatten": ("start_dim", "end_dim"),
+    "conv": ("weight", "bias", "stride", "padding", "dilation", "groups", "padding_mode"),
+    "conv_transpose": ("weight", "bias", "stride", "padding", "output_padding", "groups",
+                       "dilation", "padding_mode"),
+    "linear": ("weight", "bias"),
+}
+
+
+def _bind(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """Bind a torch function's or ATen overload's arguments to their names (defaults filled)."""
+    try:
+        pair = normalize_function(target, tuple(args), dict(kwargs),
+                                  normalize_to_only_use_kwargs=True)
+    except (RuntimeError, TypeError, ValueError):  # ambiguous overloads of a builtin
+        pair = None
+    if pair is not None:
+        return dict(pair.kwargs)
+    signatures: list[inspect.Signature] = []
+    try:
+        signatures = list(get_signature_for_torch_op(target) or [])
+    except (RuntimeError, TypeError, ValueError):
+        pass
+    if not signatures:
+        try:
+            signatures = [inspect.signature(target)]
+        except (TypeError, ValueError):
+            return None
+    for sig in signatures:  # overloads of one builtin share the names that matter
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError:
+            continue
+        bound.apply_defaults()
+        return dict(bound.arguments)
+    return None
+
+
+def _method_args(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    if name in _SHAPE_VARARG_METHODS and len(args) > 1:
+        shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+        return {"input": args[0], "shape": tuple(shape), **kwargs}
+    fn = getattr(torch, name, None) or getattr(torch, name.rstrip("_"), None)
+    bound = _bind(fn, args, kwargs) if callable(fn) else None
+    if bound is None:
+        return {"input": args[0] if args else None,
+                **{f"arg{i}": a for i, a in enumerate(args[1:], 1)}, **kwargs}
+    return bound
+
+
+def op_args(node: fx.Node, gm: fx.GraphModule | None = None) -> dict[str, Any]:
+    """The arguments of ``node``'s op by canonical name, whatever its spelling.
+
+    Functions and ATen overloads are bound to their signatures (``torch.fx``'s
+    ``normalize_function``; defaults filled in), so ``F.max_pool2d(x, 2)`` and
+    ``aten.max_pool2d.default(x, [2, 2])`` both give ``kernel_size``; ATen's ``self`` is
+    ``input`` and its ``train`` is ``training``; ``operator.add(a, b)`` gives ``input`` and
+    ``other``. A module call gives ``input`` (its first argument) and the attributes that
+    matter for its kind (``kernel_size``, ``p``, ``weight``, ``inplace`` ...).
+
+    Args:
+        node: a ``call_module``, ``call_function`` or ``call_method`` node.
+        gm: the owning module for ``call_module`` nodes (defaults to the graph's).
+
+    Returns:
+        Name -> value (fx nodes for graph values); ``{}`` for other nodes. Arguments that
+        cannot be bound are given as ``arg1, arg2 ...`` after ``input``.
+    """
+    args, kwargs = tuple(node.args), dict(node.kwargs)
+    if node.op == "call_module":
+        m = _node_module(node, gm)
+        out: dict[str, Any] = {"input": args[0] if args else next(iter(kwargs.values()), None)}
+        if m is not None:
+            kind = op_kind(node, gm)
+            out.update({k: getattr(m, k) for k in _MODULE_ATTRS.get(kind or "", ())
+                        if hasattr(m, k)})
+        return out
+    if node.op == "call_method":
+        bound = _method_args(str(node.target), args, kwargs)
+    elif node.op == "call_function":
+        names = _OPERATOR_ARGS.get(node.target) if _hashable(node.target) else None
+        if names is not None:
+            bound = dict(zip(names, args))
+        else:
+            bound = _bind(node.target, args, kwargs)
+            if bound is None:
+                bound = {"input": args[0] if args else None,
+                         **{f"arg{i}": a for i, a in enumerate(args[1:], 1)}, **kwargs}
+    else:
+        return {}
+    return {_RENAMES.get(k, k): v for k, v in bound.items()}
+
+
+def _hashable(target: Any) -> bool:
+    try:
+        hash(target)
+    except TypeError:
+        return False
+    return True
+
+
+def describe_op(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
+    """A short name of ``node``'s op for reports: the module's class, ``aten.relu_.default``,
+    the function's name, or ``.view()`` for a method."""
+    if node.op == "call_module":
+        m = _node_module(node, gm)
+        return type(m).__name__ if m is not None else str(node.target)
+    if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):
+            return str(node.target)
+        return getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return node.op
+
+
+def is_inplace(node: fx.Node, gm: fx.GraphModule | None = None) -> bool:
+    """Whether the op writes into its input: an ``inplace=True`` module or argument, a
+    mutating ATen overload (``aten.relu_.default``), a trailing-underscore function or method
+    (``torch.relu_``, ``x.relu_()``)."""
+    if node.op == "call_module":
+        m = _node_module(node, gm)
+        return bool(getattr(m, "inplace", False)) if m is not None else False
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if _mutates(node.target):
+        return True
+    inplace = node.kwargs.get("inplace")
+    if inplace is None and node.op == "call_function" and not isinstance(
+            node.target, torch._ops.OpOverload):
+        inplace = op_args(node, gm).get("inplace", False)
+    return inplace is True
+
+
+def returns_tuple(node: fx.Node, gm: fx.GraphModule | None = None) -> bool:
+    """Whether the op returns several values that ``getitem`` nodes pick apart: a max-pool with
+    indices (``return_indices=True``, ``aten.max_pool2d_with_indices``), ATen's
+    ``adaptive_max_pool2d`` and ``native_dropout``, any ATen overload with several returns."""
+    if node.op == "call_module":
+        m = _node_module(node, gm)
+        return bool(getattr(m, "return_indices", False))
+    if node.op != "call_function":
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return len(schema.returns) > 1
+    if getattr(node.target, "__name__", "").endswith("_with_indices"):
+        return True
+    return op_kind(node, gm) in ("max_pool", "adaptive_max_pool") and bool(
+        op_args(node, gm).get("return_indices", False))
+
+
 def is_residual_sum(node: fx.Node) -> bool:
     """An add/sub of two graph values (a residual or skip connection)."""
-    return op_kind(node) in ("add", "sub") and sum(
+    return op_kind(node) in ("add", "sub", "rsub") and sum(
         isinstance(a, fx.Node) for a in node.args) >= 2
 
 
@@ -347,21 +604,9 @@ def _mutates(target: Any) -> bool:
 
 
 def is_impure(node: fx.Node) -> bool:
-    """fx's purity test, plus in-place calls (``x.relu_()``, ``inplace=True``, mutating ATen
-    overloads) kept by DCE."""
-    if node.is_impure():
-        return True
-    if node.op == "call_module":
-        owner = node.graph.owning_module
-        if owner is None:
-            return False
-        try:
-            return bool(getattr(owner.get_submodule(str(node.target)), "inplace", False))
-        except AttributeError:
-            return False
-    if node.op in ("call_method", "call_function"):
-        return bool(node.kwargs.get("inplace", False)) or _mutates(node.target)
-    return False
+    """fx's purity test, plus in-place calls (:func:`is_inplace`: ``x.relu_()``,
+    ``inplace=True``, mutating ATen overloads) kept by DCE."""
+    return node.is_impure() or is_inplace(node)
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> None:

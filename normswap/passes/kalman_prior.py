@@ -1,4 +1,4 @@
-"""Wire Batch Kalman Normalization priors through an fx graph.
+"""Wire Batch Kalman Normalization priors through a captured graph.
 
 Rewrite: every ``call_module`` node of a :class:`~normswap.norms.kalman.KalmanBatchNorm` layer
 becomes ``out = layer(x, prior=P, return_stats=True)``, ``y = out[0]``, ``stats = out[1]``; the
@@ -7,45 +7,45 @@ ones, until they reach the next Kalman layer, where they become its prior ``P``.
 layers return ``stats = None``, every moment node returns ``None`` at once, and the layers ignore
 priors: the eval computation is the same as before the pass.
 
-Math (REFERENCE §3, analytic [derived] version of the authors' Monte-Carlo propagation). A
-"moment" is a per-channel ``(mean, var)`` pair (channel = dim 1); values are assumed independent
-across channels and positions, and Gaussian where a nonlinearity needs a distribution:
+The propagator is one table, :data:`_RULES`, from canonical op kinds
+(:func:`~normswap.passes._match.op_kind`: the same kind for ``nn.ReLU``, ``F.relu``,
+``x.relu_()`` and ``aten.relu_.default``) to moment rules; each rule reads the op's arguments by
+name (:func:`~normswap.passes._match.op_args`), so graphs from ``torch.fx`` and from
+``torch.export`` (ATen ops between lifted modules) are handled alike. A "moment" is a
+per-channel ``(mean, var)`` pair (channel = dim 1); values are assumed independent across
+channels and positions, and Gaussian where a nonlinearity needs a distribution. The formulas
+(docs/maths.md, "Kalman priors"):
 
-- Kalman layer output (default ``prior_moments="normalised"``): the layer normalises with its
-  combined moments ``(mu, s2)``; if its input has those moments, ``gamma*(x-mu)/sqrt(s2+eps)+beta``
-  has mean ``beta`` and variance ``gamma**2 * s2 / (s2 + eps)``. ``prior_moments="raw"``
-  propagates ``(mu, s2)`` themselves, as the authors' TensorFlow code does.
-- ReLU (only ReLU: its rectified-Gaussian moments are exact for Gaussian input; other
-  activations cut the chain): with ``a = m/s``, ``E = m*Phi(a) + s*phi(a)``,
-  ``E2 = (m**2+v)*Phi(a) + m*s*phi(a)``, ``var = E2 - E**2``.
-- Conv / Linear: ``mu_o = sum W*m + b``, ``var_o = sum W**2 * v`` over the kernel and the input
-  channels of the output channel's group. This is exact at interior positions; with
-  ``padding_aware=True`` the zero-padded border is accounted for by convolving constant maps
-  (costs one extra conv of a single sample per layer) and taking the mixture's moments over
-  positions. Stride and dilation do not change interior moments.
-- Residual add / sub: means add (subtract), variances add; a Python scalar shifts the mean;
-  multiplication or division by a Python scalar scales mean and standard deviation.
-- Concatenation on dim 1: channel moments concatenate.
-- Average pooling over ``k`` elements (also adaptive pooling, ``k`` = input/output spatial size):
-  mean kept, variance ``v / k`` (independence; spatially correlated features make the real
-  variance larger). A ``divisor_override`` ``d`` gives ``m*k/d``, ``v*k/d**2``.
-- Max pooling over ``k`` elements: ``max = m + s*Z_k`` for ``k`` iid Gaussians, with the mean and
-  variance of ``Z_k`` (max of ``k`` standard normals) by quadrature; after a ReLU the max is
-  taken on the pre-ReLU Gaussian (``maxpool(relu(x)) = relu(maxpool(x))``) and the ReLU of the
-  max is integrated by quadrature too. Exact for iid Gaussian windows, an approximation for
-  real (correlated, non-Gaussian) features and at padded borders: pass
-  ``approximate_maxpool=False`` to cut the chain there instead.
-- Dropout (train mode, inverted): mean kept, ``var = (v + m**2)/(1-p) - m**2``.
-- Identity-like ops (``nn.Identity``, ``contiguous``, ``clone``, dtype casts) pass moments
-  through; flatten/view/reshape to ``(N, C*k)`` repeat each channel's moments ``k`` times
-  (checked at run time; another layout yields no prior).
+- Kalman layer output (``prior_moments="normalised"``): mean ``beta``, variance
+  ``gamma**2 * s2 / (s2 + eps)`` from the layer's combined moments ``(mu, s2)``;
+  ``prior_moments="raw"`` propagates ``(mu, s2)`` themselves, as the authors' code does.
+- ``relu``: rectified-Gaussian moments (exact for Gaussian input); other activations cut.
+- ``conv`` / ``linear`` (module, or functional with the weights in the graph): ``sum W*m + b``,
+  ``sum W**2 * v`` (``padding_aware=True``: mixture over all output positions, border
+  included).
+- ``add`` / ``sub`` / ``rsub``: means add, variances add (``alpha**2``-weighted); a Python number
+  shifts the mean. ``mul`` / ``div`` by a Python number and ``neg``: affine in the moments.
+- ``cat`` along dim 1: channel moments concatenate (other dims cut).
+- ``avg_pool`` (``m``, ``v/k``; ``divisor_override``), ``adaptive_avg_pool`` and ``mean`` over
+  spatial dims (``k`` = input/output spatial size), ``max_pool`` (max of ``k`` iid Gaussians,
+  through the pre-ReLU Gaussian after a ReLU; ``approximate_maxpool=False`` cuts instead).
+- ``dropout`` in train mode (inverted): mean kept, ``var = (v + m**2)/(1-p) - m**2``; a
+  functional dropout traced with ``training=False`` is the identity.
+- ``identity`` (``nn.Identity``, ``contiguous``, ``clone``, casts) passes moments through;
+  ``flatten`` / ``reshape`` to ``(N, C*k)`` repeat each channel's moments ``k`` times (checked
+  at run time; another layout yields no prior); ``shape`` ops carry none; ``getitem`` passes
+  the values output of a max-pool with indices or a dropout with mask.
 
-Any other op on a path from a Kalman layer cuts the chain: the next Kalman layer gets no prior and
-the report records a skip naming the op. Gradients flow through the prior path (no detach).
+Any other op on a path from a Kalman layer cuts the chain: the next Kalman layer gets no prior
+and the report records a skip naming the op. A Kalman layer grafted into a BatchNorm subclass's
+own forward takes no prior: it is reported and cuts the chain. Gradients flow through the prior
+path (no detach).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import operator
@@ -53,44 +53,37 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import Tensor, fx
 
 from ..norms.kalman import KalmanBatchNorm, Moments, set_kalman_gain
 from ..report import PassReport
-from ._match import eliminate_dead_code, leaf_function
+from ._match import (
+    describe_op,
+    eliminate_dead_code,
+    leaf_function,
+    module_of,
+    node_shape,
+    op_args,
+    op_kind,
+    returns_tuple,
+)
 from ._math import (
-    normalised_moments,
-    relu_moments,
-    conv_moments,
-    linear_moments,
     add_moments,
     affine_moments,
     avgpool_moments,
-    maxpool_moments,
-    relu_maxpool_moments,
-    dropout_moments,
     cat_moments,
+    conv_moments,
+    dropout_moments,
+    linear_moments,
+    maxpool_moments,
+    normalised_moments,
+    relu_maxpool_moments,
+    relu_moments,
 )
 
-__all__ = [
-    "propagate_kalman_priors",
-    "remove_kalman_priors",
-    "normalised_moments",
-    "relu_moments",
-    "conv_moments",
-    "linear_moments",
-    "add_moments",
-    "affine_moments",
-    "avgpool_moments",
-    "maxpool_moments",
-    "relu_maxpool_moments",
-    "dropout_moments",
-    "cat_moments",
-]
+__all__ = ["propagate_kalman_priors", "remove_kalman_priors"]
 
 log = logging.getLogger(__name__)
-
 
 
 _warned: set[str] = set()
@@ -224,6 +217,19 @@ def _mom_cat(moms: Sequence[Moments | None]) -> Moments | None:
     return cat_moments(moms)  # type: ignore[arg-type]
 
 
+@leaf_function
+def _mom_mean(mom: Moments | None, x: Tensor, y: Tensor, dims: Sequence[int]
+              ) -> Moments | None:
+    """Moments of a mean over spatial dims (window = input/output sizes), or None when the
+    dims include the batch or channel dim."""
+    if mom is None:
+        return None
+    if any(d % x.dim() in (0, 1) for d in dims):
+        _warn_once("mean", "Kalman prior: mean over the batch or channel dim; no prior there")
+        return None
+    return avgpool_moments(mom[0], mom[1], x.numel() / max(1, y.numel()))
+
+
 def _window(kernel_size: Any, nd: int) -> int:
     """Number of elements of a pooling window."""
     if isinstance(kernel_size, int):
@@ -253,30 +259,294 @@ class _Cut:
 
 
 _State = _Known | _Cut | None
+_Rule = Callable[["_Propagator", fx.Node, str, dict[str, Any]], _State]
 
-_ADD = {operator.add, operator.iadd, torch.add}
-_SUB = {operator.sub, operator.isub, torch.sub}
-_MUL = {operator.mul, operator.imul, torch.mul}
-_DIV = {operator.truediv, operator.itruediv, torch.div, torch.true_divide}
-_RELU_FN = {F.relu, torch.relu, torch.relu_}
-_DROPOUT_FN = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
-_CAT_FN = {torch.cat, torch.concat, torch.concatenate}
-_AVG_FN = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
-_ADAPTIVE_AVG_FN = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
-_MAX_FN = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
-_CONV_FN = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-_IDENTITY_METHODS = {"contiguous", "clone", "float", "double", "half", "bfloat16", "to",
-                     "type_as", "cpu", "cuda"}
-_META_METHODS = {"size", "dim", "numel", "type", "stride"}
-_ARITH_METHODS = {"add": _ADD, "add_": _ADD, "sub": _SUB, "sub_": _SUB, "mul": _MUL,
-                  "mul_": _MUL, "div": _DIV, "div_": _DIV}
-_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_AVG_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-_ADAPTIVE_AVG_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_MAX_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
-_OPTIONS = ("prior_moments", "padding_aware", "approximate_maxpool", "fallback_ratio")
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# -- the rules: one per canonical op kind ------------------------------------------------------
+def _relu(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """Rectified-Gaussian moments; the pre-ReLU moments are kept for a following max-pool."""
+    s = p.st(a.get("input"))
+    if not isinstance(s, _Known):
+        return s
+    return _Known(p.emit(node, _mom_relu, s.node), s.sources, pre_relu=s.node)
+
+
+def _sum(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any], *, sign: float,
+         reverse: bool = False) -> _State:
+    """``input + sign*alpha*other`` (``rsub``: ``other - alpha*input``): moments add; a Python
+    number shifts the mean."""
+    alpha = a.get("alpha", 1)
+    if not _number(alpha):
+        return p.cut_or_none(node, op, "non-constant alpha", node.all_input_nodes)
+    first, second = a.get("input"), a.get("other")
+    if reverse:
+        first, second = second, first
+    sa, sb = p.st(first), p.st(second)
+    for s in (sa, sb):
+        if isinstance(s, _Cut):
+            return s
+    a_mom, b_mom = isinstance(sa, _Known), isinstance(sb, _Known)
+    if not (a_mom or b_mom):
+        return None
+    for arg, has in ((first, a_mom), (second, b_mom)):
+        if not has and not _number(arg):
+            other = arg.name if isinstance(arg, fx.Node) else type(arg).__name__
+            return _Cut(node.name, op, f"operand '{other}' has no normalised layer upstream "
+                        "(its moments are unknown)")
+    sources = (sa.sources if a_mom else frozenset()) | (sb.sources if b_mom else frozenset())
+    out = p.emit(node, _mom_add, sa.node if a_mom else first, sb.node if b_mom else second,
+                 sign * float(alpha), a_mom, b_mom)
+    return _Known(out, sources)
+
+
+def _scale(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any], *,
+           divide: bool) -> _State:
+    """Multiplication / division by a Python number: affine in the moments."""
+    x, other = a.get("input"), a.get("other")
+    sa, sb = p.st(x), p.st(other)
+    if a.get("rounding_mode") is not None:
+        return p.cut_or_none(node, op, "rounded division", node.all_input_nodes)
+    if isinstance(sa, _Known) and _number(other) and not (divide and other == 0):
+        factor = 1.0 / float(other) if divide else float(other)
+        return _Known(p.emit(node, _mom_affine, sa.node, factor, 0.0), sa.sources)
+    if not divide and isinstance(sb, _Known) and _number(x):
+        return _Known(p.emit(node, _mom_affine, sb.node, float(x), 0.0), sb.sources)
+    return p.cut_or_none(node, op, "product with a tensor (only Python numbers are supported)",
+                         node.all_input_nodes)
+
+
+def _neg(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """``-x``: mean negated, variance kept."""
+    s = p.st(a.get("input"))
+    if not isinstance(s, _Known):
+        return s
+    return _Known(p.emit(node, _mom_affine, s.node, -1.0, 0.0), s.sources)
+
+
+def _cat(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """Concatenation along dim 1 (a negative dim counts when the rank is known)."""
+    tensors = list(a.get("tensors") or ())
+    dim = a.get("dim", 0)
+    states = [p.st(t) for t in tensors]
+    if not any(isinstance(s, _Known) for s in states):
+        return next((s for s in states if isinstance(s, _Cut)), None)
+    shape = node_shape(node)
+    if isinstance(dim, int) and dim < 0 and shape is not None:
+        dim += len(shape)
+    if dim != 1:
+        return _Cut(node.name, op, f"concatenation along dim {a.get('dim')} (only dim 1, "
+                    "channels, is supported)")
+    for t, s in zip(tensors, states):
+        if isinstance(s, _Cut):
+            return s
+        if not isinstance(s, _Known):
+            name = t.name if isinstance(t, fx.Node) else type(t).__name__
+            return _Cut(node.name, op, f"input '{name}' has no normalised layer upstream")
+    sources = frozenset().union(*(s.sources for s in states))  # type: ignore[union-attr]
+    return _Known(p.emit(node, _mom_cat, [s.node for s in states]),  # type: ignore[union-attr]
+                  sources)
+
+
+def _max_pool(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """Max of ``k`` iid Gaussians (through the pre-ReLU moments after a ReLU), or a cut when
+    approximations are refused."""
+    x = a.get("input")
+    s = p.st(x)
+    if not isinstance(s, _Known):
+        return s
+    kernel = a.get("kernel_size")
+    if isinstance(kernel, fx.Node):
+        return _Cut(node.name, op, "kernel size computed in the graph")
+    if not p.approximate_maxpool:
+        return _Cut(node.name, op, "max-pool moments have no exact form "
+                    "(approximate_maxpool=False)")
+    return _Known(p.emit(node, _mom_maxpool, s.node, s.pre_relu, x, kernel), s.sources)
+
+
+def _avg_pool(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """Average of ``k`` independent elements: ``(m, v/k)`` (``divisor_override`` d:
+    ``m*k/d``, ``v*k/d**2``)."""
+    x = a.get("input")
+    s = p.st(x)
+    if not isinstance(s, _Known):
+        return s
+    kernel, divisor = a.get("kernel_size"), a.get("divisor_override")
+    if isinstance(kernel, fx.Node) or isinstance(divisor, fx.Node):
+        return _Cut(node.name, op, "pool arguments computed in the graph")
+    return _Known(p.emit(node, _mom_avgpool, s.node, x, kernel, divisor), s.sources)
+
+
+def _adaptive_avg_pool(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """Average over the input/output spatial size ratio."""
+    x = a.get("input")
+    s = p.st(x)
+    if not isinstance(s, _Known):
+        return s
+    return _Known(p.emit(node, _mom_avgpool_shape, s.node, x, node), s.sources)
+
+
+def _mean(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """A mean over spatial dims is an average pool over them (checked again at run time)."""
+    x = a.get("input")
+    s = p.st(x)
+    if not isinstance(s, _Known):
+        return s
+    dims = a.get("dim")
+    dims = [dims] if isinstance(dims, int) else list(dims or ())
+    if not dims or not all(isinstance(d, int) for d in dims):
+        return _Cut(node.name, op, "mean over every dim (or dims computed in the graph) mixes "
+                    "channels")
+    if any(d in (0, 1) for d in dims):
+        return _Cut(node.name, op, f"mean over dims {tuple(dims)} includes the batch or "
+                    "channel dim")
+    return _Known(p.emit(node, _mom_mean, s.node, x, node, tuple(dims)), s.sources)
+
+
+def _dropout(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """Inverted dropout in train mode; a functional dropout traced with ``training=False`` is
+    the identity."""
+    s = p.st(a.get("input"))
+    if not isinstance(s, _Known):
+        return s
+    rate, training = a.get("p", 0.5), a.get("training", True)
+    if isinstance(rate, fx.Node) or isinstance(training, fx.Node):
+        return _Cut(node.name, op, "dropout arguments computed in the graph")
+    if node.op != "call_module" and not training:
+        return s
+    return _Known(p.emit(node, _mom_dropout, s.node, float(rate)), s.sources)
+
+
+def _identity(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """Moments pass through (``nn.Identity``, ``contiguous``, ``clone``, casts)."""
+    x = a.get("input")
+    if any(p.st(n) is not None for n in node.all_input_nodes if n is not x):
+        return p.cut_or_none(node, op, "tensor-valued arguments", node.all_input_nodes)
+    return p.st(x)
+
+
+def _flatten(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """Flatten from dim 1 or later: as a reshape; from dim 0 it mixes samples and channels."""
+    if a.get("start_dim", 0) == 0:
+        return p.cut_or_none(node, op, "flatten from dim 0 mixes samples and channels",
+                             node.all_input_nodes)
+    return _reshape(p, node, op, a)
+
+
+def _reshape(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """View/reshape that keeps channels or expands them to ``(N, C*k)``, checked at run time."""
+    x = a.get("input")
+    s = p.st(x)
+    if not isinstance(s, _Known):
+        return s
+    return _Known(p.emit(node, _mom_reshape, s.node, x, node), s.sources)
+
+
+def _weights(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]
+             ) -> tuple[Any, Any] | _Cut:
+    """The weight and bias of a conv/linear as graph values (get_attr nodes for a module)."""
+    if node.op == "call_module":
+        t = str(node.target)
+        w = p.attr(node, f"{t}.weight")
+        b = p.attr(node, f"{t}.bias") if a.get("bias") is not None else None
+        return w, b
+    for key in ("weight", "bias"):
+        if p.st(a.get(key)) is not None:
+            return _Cut(node.name, op, f"{key} depends on normalised activations")
+    return a.get("weight"), a.get("bias")
+
+
+def _conv(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """``sum W*m + b`` and ``sum W**2 * v`` over each output channel's group."""
+    x = a.get("input")
+    s = p.st(x)
+    if not isinstance(s, _Known):
+        return s
+    if a.get("transposed"):
+        return _Cut(node.name, op, _CUT_REASONS["conv_transpose"])
+    weights = _weights(p, node, op, a)
+    if isinstance(weights, _Cut):
+        return weights
+    hyper = [a.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1),
+                                       ("groups", 1))]
+    if any(isinstance(v, fx.Node) for v in hyper):
+        return _Cut(node.name, op, "conv arguments computed in the graph")
+    out = p.emit(node, _mom_conv, s.node, x, *weights, *hyper,
+                 a.get("padding_mode", "zeros"), p.padding_aware)
+    return _Known(out, s.sources)
+
+
+def _linear(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """``W m + b`` and ``W**2 v`` (only on ``(N, C)`` input, checked at run time)."""
+    x = a.get("input")
+    s = p.st(x)
+    if not isinstance(s, _Known):
+        return s
+    weights = _weights(p, node, op, a)
+    if isinstance(weights, _Cut):
+        return weights
+    return _Known(p.emit(node, _mom_linear, s.node, x, *weights), s.sources)
+
+
+_VALUES_FIRST = frozenset({"max_pool", "adaptive_max_pool", "dropout"})
+
+
+def _getitem(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """Item 0 of a max-pool with indices or a dropout with mask: its values."""
+    src = a.get("input")
+    if (isinstance(src, fx.Node) and a.get("index") == 0
+            and op_kind(src, p.gm) in _VALUES_FIRST and returns_tuple(src, p.gm)):
+        return p.st(src)
+    return p.cut_or_none(node, op, "indexing: no exact moment rule", node.all_input_nodes)
+
+
+def _no_moments(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """Reads no values (``x.shape``, ``x.size()``): carries no moments."""
+    return None
+
+
+_RULES: dict[str, _Rule] = {
+    "relu": _relu,
+    "add": functools.partial(_sum, sign=1.0),
+    "sub": functools.partial(_sum, sign=-1.0),
+    "rsub": functools.partial(_sum, sign=-1.0, reverse=True),
+    "mul": functools.partial(_scale, divide=False),
+    "div": functools.partial(_scale, divide=True),
+    "neg": _neg,
+    "cat": _cat,
+    "max_pool": _max_pool,
+    "avg_pool": _avg_pool,
+    "adaptive_avg_pool": _adaptive_avg_pool,
+    "mean": _mean,
+    "dropout": _dropout,
+    "identity": _identity,
+    "flatten": _flatten,
+    "reshape": _reshape,
+    "conv": _conv,
+    "linear": _linear,
+    "getitem": _getitem,
+    "shape": _no_moments,
+}
+"""Moment rule of each canonical op kind; every other kind cuts the chain."""
+
+_CUT_REASONS: dict[str | None, str] = {
+    "conv_transpose": "transposed convolution: output positions sum different numbers of "
+                      "taps, so there is no per-channel moment rule",
+    "batch_norm": "BatchNorm that was not swapped to a Kalman layer: its batch moments are "
+                  "not exposed",
+    "relu_like": "no exact moment rule for this activation (only ReLU's rectified-Gaussian "
+                 "moments are exact)",
+    "adaptive_max_pool": "no moment rule for adaptive max pooling",
+}
+_NO_RULE = {
+    "call_module": "no exact moment rule for this module (supported: ReLU, Conv1d/2d/3d, "
+                   "Linear, pools, dropout, flatten, identity)",
+    "call_function": "no exact moment rule for this function",
+    "call_method": "no exact moment rule for this method",
+}
 
 
 class _Propagator:
@@ -292,8 +562,8 @@ class _Propagator:
         self.approximate_maxpool = approximate_maxpool
         self.state: dict[fx.Node, _Known | _Cut] = {}
         self.rewritten: list[tuple[fx.Node, fx.Node, dict[str, Any]]] = []
-        self.modules = dict(gm.named_modules())
         self._anchor: dict[fx.Node, fx.Node] = {}
+        self.calls = 0
 
     # -- helpers ------------------------------------------------------------------------------
     def st(self, arg: Any) -> _State:
@@ -326,27 +596,31 @@ class _Propagator:
     # -- driver -------------------------------------------------------------------------------
     def run(self) -> None:
         for node in list(self.graph.nodes):
-            if node.op in ("placeholder", "get_attr", "output"):
+            if node.op not in ("call_module", "call_function", "call_method"):
                 continue
-            module = self.modules.get(str(node.target)) if node.op == "call_module" else None
+            module = module_of(self.gm, node)
             if isinstance(module, KalmanBatchNorm):
+                self.calls += 1
                 self.kalman(node, module)
                 continue
-            result = self.visit(node, module)
+            result = self.visit(node)
             if result is not None:
                 self.state[node] = result
 
-    def visit(self, node: fx.Node, module: nn.Module | None) -> _State:
-        """Moments state of one non-Kalman node."""
-        if node.op == "call_module" and module is not None:
-            return self.visit_module(node, module)
-        if node.op == "call_function":
-            return self.visit_function(node)
-        if node.op == "call_method":
-            return self.visit_method(node)
-        return None
+    def visit(self, node: fx.Node) -> _State:
+        """Moments state of one non-Kalman node: the rule of its op kind, or a cut."""
+        op = describe_op(node, self.gm)
+        if node.op == "call_module" and len(node.args) + len(node.kwargs) != 1:
+            return self.cut_or_none(node, op, "module called with several inputs",
+                                    node.all_input_nodes)
+        kind = op_kind(node, self.gm)
+        rule = _RULES.get(kind) if kind is not None else None
+        if rule is None:
+            return self.cut_or_none(node, op, _CUT_REASONS.get(kind, _NO_RULE[node.op]),
+                                    node.all_input_nodes)
+        return rule(self, node, op, op_args(node, self.gm))
 
-    # -- Kalman layers ------------------------------------------------------------------------
+    # -- Kalman layers (the sources) ----------------------------------------------------------
     def kalman(self, node: fx.Node, layer: KalmanBatchNorm) -> None:
         """Wire a prior into one Kalman layer and start a new chain from its output."""
         target = str(node.target)
@@ -355,6 +629,12 @@ class _Propagator:
         if len(inputs) != 1 or set(node.kwargs) - {"x"}:
             self.report.skip(target, kind, "layer is already called with extra arguments "
                              "(prior/return_stats); left as is")
+            return
+        if "prior" not in inspect.signature(type(layer).forward).parameters:
+            self.report.skip(target, kind, "its forward is the code of the BatchNorm subclass "
+                             "it replaced (grafted), which takes no prior: the layer runs "
+                             "without one and gives none to the layers after it")
+            self.state[node] = _Cut(node.name, kind, "a grafted Kalman layer returns no moments")
             return
         x = inputs[0]
         incoming = self.st(x)
@@ -384,264 +664,6 @@ class _Propagator:
         out = self.emit(y, _mom_kalman_out, stats, weight, bias, float(layer.eps), self.raw)
         self.state[y] = _Known(out, frozenset({target}))
         self.rewritten.append((node, y, old_kwargs))
-
-    # -- modules ------------------------------------------------------------------------------
-    def visit_module(self, node: fx.Node, module: nn.Module) -> _State:
-        """Rules for call_module nodes."""
-        op = type(module).__name__
-        x = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
-        s = self.st(x)
-        if len(node.args) + len(node.kwargs) != 1:
-            return self.cut_or_none(node, op, "module called with several inputs",
-                                    node.all_input_nodes)
-        if not isinstance(s, _Known):
-            return s
-        if isinstance(module, nn.ReLU):
-            return _Known(self.emit(node, _mom_relu, s.node), s.sources, pre_relu=s.node)
-        if isinstance(module, nn.Identity):
-            return s
-        if isinstance(module, _CONV_MODULES):
-            t = str(node.target)
-            w = self.attr(node, f"{t}.weight")
-            b = self.attr(node, f"{t}.bias") if module.bias is not None else None
-            out = self.emit(node, _mom_conv, s.node, x, w, b, module.stride, module.padding,
-                            module.dilation, module.groups, module.padding_mode,
-                            self.padding_aware)
-            return _Known(out, s.sources)
-        if isinstance(module, nn.Linear):
-            t = str(node.target)
-            w = self.attr(node, f"{t}.weight")
-            b = self.attr(node, f"{t}.bias") if module.bias is not None else None
-            return _Known(self.emit(node, _mom_linear, s.node, x, w, b), s.sources)
-        if isinstance(module, _DROPOUT_MODULES):
-            return _Known(self.emit(node, _mom_dropout, s.node, float(module.p)), s.sources)
-        if isinstance(module, nn.Flatten):
-            if module.start_dim == 0:
-                return _Cut(node.name, op, "flatten from dim 0 mixes samples and channels")
-            return _Known(self.emit(node, _mom_reshape, s.node, x, node), s.sources)
-        if isinstance(module, _AVG_MODULES):
-            out = self.emit(node, _mom_avgpool, s.node, x, module.kernel_size,
-                            module.divisor_override)
-            return _Known(out, s.sources)
-        if isinstance(module, _ADAPTIVE_AVG_MODULES):
-            return _Known(self.emit(node, _mom_avgpool_shape, s.node, x, node), s.sources)
-        if isinstance(module, _MAX_MODULES):
-            return self.maxpool(node, s, x, module.kernel_size, op)
-        return _Cut(node.name, op, "no exact moment rule for this module (supported: ReLU, "
-                    "Conv1d/2d/3d, Linear, pools, dropout, flatten, identity)")
-
-    def maxpool(self, node: fx.Node, s: _Known, x: Any, kernel_size: Any, op: str) -> _State:
-        """Max pooling: Clark's approximation, or a cut when approximations are refused."""
-        if not self.approximate_maxpool:
-            return _Cut(node.name, op, "max-pool moments have no exact form "
-                        "(approximate_maxpool=False)")
-        out = self.emit(node, _mom_maxpool, s.node, s.pre_relu, x, kernel_size)
-        return _Known(out, s.sources)
-
-    # -- functions ----------------------------------------------------------------------------
-    def visit_function(self, node: fx.Node) -> _State:
-        """Rules for call_function nodes."""
-        fn = node.target
-        op = getattr(fn, "__name__", str(fn))
-        args, kwargs = node.args, node.kwargs
-        if fn is getattr:
-            return None  # x.shape, x.dtype...: metadata, carries no moments
-        if fn in _ADD or fn in _SUB:
-            alpha = float(kwargs.get("alpha", 1.0)) * (-1.0 if fn in _SUB else 1.0)
-            if not isinstance(kwargs.get("alpha", 1.0), (int, float)):
-                return self.cut_or_none(node, op, "non-constant alpha", node.all_input_nodes)
-            return self.binary_add(node, op, args[0], args[1] if len(args) > 1
-                                   else kwargs.get("other"), alpha)
-        if fn in _MUL or fn in _DIV:
-            return self.scale(node, op, args, fn in _DIV, kwargs)
-        if fn is operator.neg:
-            s = self.st(args[0])
-            if isinstance(s, _Known):
-                return _Known(self.emit(node, _mom_affine, s.node, -1.0, 0.0), s.sources)
-            return s
-        if fn in _RELU_FN:
-            s = self.st(args[0] if args else kwargs.get("input"))
-            if isinstance(s, _Known):
-                return _Known(self.emit(node, _mom_relu, s.node), s.sources, pre_relu=s.node)
-            return s
-        if fn in _DROPOUT_FN:
-            return self.functional_dropout(node, op)
-        if fn in _CAT_FN:
-            return self.cat(node, op)
-        if fn is torch.flatten:
-            start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
-            if start == 0:
-                return self.cut_or_none(node, op, "flatten from dim 0 mixes samples and "
-                                        "channels", node.all_input_nodes)
-            return self.reshape(node, args[0])
-        if fn is torch.reshape:
-            return self.reshape(node, args[0] if args else kwargs.get("input"))
-        if fn in _AVG_FN:
-            kernel = args[1] if len(args) > 1 else kwargs.get("kernel_size")
-            divisor = args[6] if len(args) > 6 else kwargs.get("divisor_override")
-            s = self.st(args[0])
-            if not isinstance(s, _Known):
-                return s
-            if isinstance(kernel, fx.Node) or isinstance(divisor, fx.Node):
-                return _Cut(node.name, op, "pool arguments computed in the graph")
-            out = self.emit(node, _mom_avgpool, s.node, args[0], kernel, divisor)
-            return _Known(out, s.sources)
-        if fn in _ADAPTIVE_AVG_FN:
-            s = self.st(args[0])
-            if isinstance(s, _Known):
-                return _Known(self.emit(node, _mom_avgpool_shape, s.node, args[0], node),
-                              s.sources)
-            return s
-        if fn in _MAX_FN:
-            s = self.st(args[0])
-            kernel = args[1] if len(args) > 1 else kwargs.get("kernel_size")
-            if not isinstance(s, _Known):
-                return s
-            if isinstance(kernel, fx.Node):
-                return _Cut(node.name, op, "kernel size computed in the graph")
-            return self.maxpool(node, s, args[0], kernel, op)
-        if fn in _CONV_FN or fn is F.linear:
-            return self.functional_linear(node, op)
-        return self.cut_or_none(node, op, "no exact moment rule for this function",
-                                node.all_input_nodes)
-
-    def binary_add(self, node: fx.Node, op: str, a: Any, b: Any, alpha: float) -> _State:
-        """``a + alpha*b``: moments add; a Python number shifts the mean."""
-        sa, sb = self.st(a), self.st(b)
-        for s in (sa, sb):
-            if isinstance(s, _Cut):
-                return s
-        a_mom, b_mom = isinstance(sa, _Known), isinstance(sb, _Known)
-        if not (a_mom or b_mom):
-            return None
-        for arg, has in ((a, a_mom), (b, b_mom)):
-            if not has and not isinstance(arg, (int, float)):
-                other = arg.name if isinstance(arg, fx.Node) else type(arg).__name__
-                return _Cut(node.name, op, f"operand '{other}' has no normalised layer upstream "
-                            "(its moments are unknown)")
-        sources = (sa.sources if a_mom else frozenset()) | (sb.sources if b_mom else frozenset())
-        out = self.emit(node, _mom_add, sa.node if a_mom else a, sb.node if b_mom else b,
-                        alpha, a_mom, b_mom)
-        return _Known(out, sources)
-
-    def scale(self, node: fx.Node, op: str, args: Sequence[Any], divide: bool,
-              kwargs: dict[str, Any]) -> _State:
-        """Multiplication/division by a Python number."""
-        a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
-        sa, sb = self.st(a), self.st(b)
-        if kwargs.get("rounding_mode") is not None:
-            return self.cut_or_none(node, op, "rounded division", node.all_input_nodes)
-        if isinstance(sa, _Known) and isinstance(b, (int, float)) and not (divide and b == 0):
-            factor = 1.0 / float(b) if divide else float(b)
-            return _Known(self.emit(node, _mom_affine, sa.node, factor, 0.0), sa.sources)
-        if not divide and isinstance(sb, _Known) and isinstance(a, (int, float)):
-            return _Known(self.emit(node, _mom_affine, sb.node, float(a), 0.0), sb.sources)
-        return self.cut_or_none(node, op, "product with a tensor (only Python numbers are "
-                                "supported)", node.all_input_nodes)
-
-    def functional_dropout(self, node: fx.Node, op: str) -> _State:
-        """``F.dropout(x, p, training)``."""
-        args, kwargs = node.args, node.kwargs
-        x = args[0] if args else kwargs.get("input")
-        s = self.st(x)
-        if not isinstance(s, _Known):
-            return s
-        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
-        training = args[2] if len(args) > 2 else kwargs.get("training", True)
-        if isinstance(p, fx.Node) or isinstance(training, fx.Node):
-            return _Cut(node.name, op, "dropout arguments computed in the graph")
-        if not training:
-            return s
-        return _Known(self.emit(node, _mom_dropout, s.node, float(p)), s.sources)
-
-    def cat(self, node: fx.Node, op: str) -> _State:
-        """Concatenation along dim 1."""
-        tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        states = [self.st(t) for t in tensors]
-        if not any(isinstance(s, _Known) for s in states):
-            return next((s for s in states if isinstance(s, _Cut)), None)
-        if dim != 1:
-            return _Cut(node.name, op, f"concatenation along dim {dim} (only dim 1, channels, "
-                        "is supported)")
-        for t, s in zip(tensors, states):
-            if isinstance(s, _Cut):
-                return s
-            if not isinstance(s, _Known):
-                name = t.name if isinstance(t, fx.Node) else type(t).__name__
-                return _Cut(node.name, op, f"input '{name}' has no normalised layer upstream")
-        sources = frozenset().union(*(s.sources for s in states))  # type: ignore[union-attr]
-        out = self.emit(node, _mom_cat, [s.node for s in states])  # type: ignore[union-attr]
-        return _Known(out, sources)
-
-    def reshape(self, node: fx.Node, x: Any) -> _State:
-        """Flatten/view/reshape, checked at run time."""
-        s = self.st(x)
-        if not isinstance(s, _Known):
-            return s
-        return _Known(self.emit(node, _mom_reshape, s.node, x, node), s.sources)
-
-    def functional_linear(self, node: fx.Node, op: str) -> _State:
-        """``F.conv*d`` / ``F.linear`` with weights from the module (get_attr nodes)."""
-        args, kwargs = node.args, node.kwargs
-        names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
-        defaults: list[Any] = [None, None, None, 1, 0, 1, 1]
-        vals = {n: args[i] if len(args) > i else kwargs.get(n, d)
-                for i, (n, d) in enumerate(zip(names, defaults))}
-        s = self.st(vals["input"])
-        if not isinstance(s, _Known):
-            return s
-        for key in ("weight", "bias"):
-            if self.st(vals[key]) is not None:
-                return _Cut(node.name, op, f"{key} depends on normalised activations")
-        if node.target is F.linear:
-            return _Known(self.emit(node, _mom_linear, s.node, vals["input"], vals["weight"],
-                                    vals["bias"]), s.sources)
-        if any(isinstance(vals[k], fx.Node) for k in ("stride", "padding", "dilation", "groups")):
-            return _Cut(node.name, op, "conv arguments computed in the graph")
-        out = self.emit(node, _mom_conv, s.node, vals["input"], vals["weight"], vals["bias"],
-                        vals["stride"], vals["padding"], vals["dilation"], vals["groups"],
-                        "zeros", self.padding_aware)
-        return _Known(out, s.sources)
-
-    # -- methods ------------------------------------------------------------------------------
-    def visit_method(self, node: fx.Node) -> _State:
-        """Rules for call_method nodes."""
-        name = str(node.target)
-        op = f".{name}()"
-        args = node.args
-        if name in _META_METHODS:
-            return None
-        s = self.st(args[0]) if args else None
-        if name in ("relu", "relu_"):
-            if isinstance(s, _Known):
-                return _Known(self.emit(node, _mom_relu, s.node), s.sources, pre_relu=s.node)
-            return s
-        if name in _IDENTITY_METHODS:
-            others = [self.st(a) for a in node.all_input_nodes if a is not args[0]]
-            if any(o is not None for o in others):
-                return self.cut_or_none(node, op, "tensor-valued arguments",
-                                        node.all_input_nodes)
-            return s
-        if name in ("flatten", "view", "reshape"):
-            if name == "flatten" and (args[1] if len(args) > 1
-                                      else node.kwargs.get("start_dim", 0)) == 0:
-                return self.cut_or_none(node, op, "flatten from dim 0 mixes samples and "
-                                        "channels", node.all_input_nodes)
-            return self.reshape(node, args[0])
-        if name in _ARITH_METHODS:
-            group = _ARITH_METHODS[name]
-            if group is _ADD or group is _SUB:
-                alpha = node.kwargs.get("alpha", 1.0)
-                if not isinstance(alpha, (int, float)):
-                    return self.cut_or_none(node, op, "non-constant alpha",
-                                            node.all_input_nodes)
-                sign = -1.0 if group is _SUB else 1.0
-                other = args[1] if len(args) > 1 else node.kwargs.get("other")
-                return self.binary_add(node, op, args[0], other, sign * float(alpha))
-            return self.scale(node, op, args, group is _DIV, dict(node.kwargs))
-        return self.cut_or_none(node, op, "no exact moment rule for this method",
-                                node.all_input_nodes)
 
     # -- clean-up -----------------------------------------------------------------------------
     def finish(self) -> None:
@@ -700,7 +722,7 @@ def propagate_kalman_priors(gm: fx.GraphModule, *, priors: bool = True,
     prop = _Propagator(gm, report, raw=mode == "raw", padding_aware=padding_aware,
                        approximate_maxpool=approximate_maxpool)
     prop.run()
-    if not prop.rewritten:
+    if not prop.calls:
         report.note("no KalmanBatchNorm call_module nodes in the graph; nothing wired")
     eliminate_dead_code(gm)
     prop.finish()
@@ -708,9 +730,9 @@ def propagate_kalman_priors(gm: fx.GraphModule, *, priors: bool = True,
     gm.graph.lint()
     gm.recompile()
     wired = len(report.changes)
-    report.metrics["kalman_layers"] = len(prop.rewritten)
+    report.metrics["kalman_layers"] = prop.calls
     report.metrics["kalman_layers_with_prior"] = wired
-    log.info("kalman priors: %d of %d layer calls wired", wired, len(prop.rewritten))
+    log.info("kalman priors: %d of %d layer calls wired", wired, prop.calls)
     return gm, report
 
 

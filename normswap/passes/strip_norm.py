@@ -1,22 +1,28 @@
 """Strip BatchNorm for a self-normalizing network (SELU, Klambauer et al. 2017). NOT eval-exact.
 
-Rewrite (REFERENCE §5, §7):
+Rewrite (docs/maths.md, "SELU"):
 
 1. Every eval-mode BatchNorm is folded into the Conv/ConvTranspose/Linear before it
-   (``W' = s·W``, ``b' = s·(b − μ) + β``; exact, by
-   :func:`~normswap.passes.fold_conv_bn.fold_conv_bn`). A BN that cannot fold (no conv before
-   it, a shared conv, a conv output with other users) becomes a per-channel
-   :class:`~normswap.norms.affine.ChannelAffine` and the report says why.
-2. Rectifier-like activations become SELU, ``selu(x) = λx`` (x > 0), ``λα(eˣ − 1)`` (x ≤ 0):
-   modules ``nn.ReLU, ReLU6, LeakyReLU, PReLU, RReLU, ELU, CELU, GELU, SiLU, Mish, Hardswish``,
-   functions ``F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.celu, F.gelu, F.silu,
-   F.mish, F.hardswish, F.rrelu`` (and their in-place forms) and ``x.relu()``/``x.relu_()``.
-   In-place activations become in-place SELU (same data flow). Gates and output squashers
-   (Sigmoid, Tanh, Hardsigmoid, Softmax) are left alone and listed in a note.
+   (``W' = s·W``, ``b' = s·(b − μ) + β``; exact, by the ``fold_conv_bn`` pass that the "selu"
+   method runs first). A BN that cannot fold (no conv before it, a shared conv, a conv output
+   with other users) becomes a per-channel :class:`~normswap.norms.affine.ChannelAffine` and
+   the report says why.
+2. Rectifier-like activations -- the op kinds ``relu`` and ``relu_like`` of
+   :func:`~normswap.passes._match.op_kind`: ``nn.ReLU, ReLU6, LeakyReLU, PReLU, RReLU, ELU,
+   CELU, GELU, SiLU, Mish, Hardswish``, their functions (``F.relu``, ``torch.relu``,
+   ``F.leaky_relu_`` ...), ``x.relu()``/``x.relu_()`` and their ATen overloads in a
+   ``torch.export`` capture (``aten.relu_.default``, ``aten.hardtanh(x, 0, 6)`` ...) -- become
+   SELU, ``selu(x) = λx`` (x > 0), ``λα(eˣ − 1)`` (x ≤ 0), in the same spelling family: a
+   module becomes ``nn.SELU``, a torch-level call ``F.selu``, an ATen call ``aten.selu``
+   (``aten.selu_`` when it was in place). In-place activations become in-place SELU (same data
+   flow). Gates and output squashers (kind ``gate``: Sigmoid, Tanh, Hardsigmoid, Softmax,
+   Hardtanh, Softplus ...) are left alone and listed in a note.
 3. With ``alpha_dropout=True``, ``nn.Dropout`` becomes ``nn.AlphaDropout`` with the same ``p``
-   (``Dropout1d/2d/3d`` become ``nn.FeatureAlphaDropout``; ``F.dropout``/``F.dropoutNd`` become
-   ``F.alpha_dropout``/``F.feature_alpha_dropout`` with the traced ``training`` flag, which fx
-   fixed at trace time).
+   (``Dropout1d/2d/3d`` become ``nn.FeatureAlphaDropout``); functional dropouts keep their
+   spelling and arguments: ``F.dropout``/``F.dropoutNd`` become
+   ``F.alpha_dropout``/``F.feature_alpha_dropout``, ``aten.dropout``/``aten.feature_dropout``
+   become ``aten.alpha_dropout``/``aten.feature_alpha_dropout`` (with the ``training`` flag the
+   capture fixed). ``aten.native_dropout`` (which also returns its mask) is kept and reported.
 4. Initialisation: ``"keep"`` keeps the folded weights; ``"lecun"`` re-draws every
    conv/linear weight from N(0, 1/fan_in) with zero bias (``kaiming_normal_(mode='fan_in',
    nonlinearity='linear')``) and resets kept ChannelAffines to the identity; ``"calibrate"``
@@ -45,48 +51,46 @@ from ..calibrate import forward_batch
 from ..errors import NormswapError
 from ..norms.affine import ChannelAffine
 from ..report import PassReport
-from ._match import functional_batch_norm_nodes, is_impure, is_residual_sum, module_of
+from ._match import (
+    FOLD_TARGETS,
+    describe_op,
+    functional_batch_norm_nodes,
+    is_impure,
+    is_inplace,
+    is_residual_sum,
+    module_calls,
+    module_of,
+    op_args,
+    op_kind,
+)
 from ._math import fold_bn_into_weights
 
-__all__ = ["selu_activations", "alpha_dropout", "selu_init", "lecun_normal_", "calibrate_units",
-           "SELU_MODULES", "SELU_FUNCTIONS"]
+__all__ = ["selu_activations", "alpha_dropout", "selu_init", "lecun_normal_", "calibrate_units"]
 
 log = logging.getLogger(__name__)
 
 Init = Literal["keep", "lecun", "calibrate"]
 
-SELU_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Hardswish,
-)
-"""Activation modules replaced by ``nn.SELU``."""
+_aten = torch.ops.aten
+_RECTIFIERS = frozenset({"relu", "relu_like"})
+"""Op kinds that become SELU (``op_kind``: ReLU and the rectifier-like activations)."""
 
-SELU_FUNCTIONS: dict[Any, int | None] = {
-    F.relu: 1, torch.relu: None, F.relu6: 1, F.leaky_relu: 2, F.elu: 2, F.celu: 2,
-    F.gelu: None, F.silu: 1, F.mish: 1, F.hardswish: 1, F.rrelu: 4,
-}
-"""Activation functions replaced by ``F.selu``, with the position of their ``inplace`` arg."""
-
-_INPLACE_FUNCTIONS: set[Any] = {torch.relu_, F.relu_, F.leaky_relu_, F.elu_, F.rrelu_}
-_SELU_METHODS = {"relu": False, "relu_": True}
-_GATE_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Softmax,
-                                               nn.Hardtanh, nn.Softplus, nn.Tanhshrink)
-_DROPOUT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
+_ALPHA_DROPOUT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Dropout: nn.AlphaDropout, nn.Dropout1d: nn.FeatureAlphaDropout,
     nn.Dropout2d: nn.FeatureAlphaDropout, nn.Dropout3d: nn.FeatureAlphaDropout,
 }
-_DROPOUT_FUNCTIONS: dict[Any, Any] = {
+_ALPHA_DROPOUT_FUNCTIONS: dict[Any, Any] = {
+    # the same spelling family and the same signature: only the target changes
     F.dropout: F.alpha_dropout, F.dropout1d: F.feature_alpha_dropout,
     F.dropout2d: F.feature_alpha_dropout, F.dropout3d: F.feature_alpha_dropout,
+    torch.dropout: torch.alpha_dropout, torch.dropout_: torch.alpha_dropout_,
+    torch.feature_dropout: torch.feature_alpha_dropout,
+    torch.feature_dropout_: torch.feature_alpha_dropout_,
+    _aten.dropout.default: _aten.alpha_dropout.default,
+    _aten.dropout_.default: _aten.alpha_dropout_.default,
+    _aten.feature_dropout.default: _aten.feature_alpha_dropout.default,
+    _aten.feature_dropout_.default: _aten.feature_alpha_dropout_.default,
 }
-_MAXPOOL_MODULES: tuple[type[nn.Module], ...] = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-_MAXPOOL_FUNCTIONS: set[Any] = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
-                                F.adaptive_max_pool2d, F.adaptive_max_pool3d}
-_AFFINE_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 class _StopForward(Exception):
@@ -97,7 +101,8 @@ class _StopForward(Exception):
 
 def lecun_normal_(weight: Tensor, bias: Tensor | None = None,
                   generator: torch.Generator | None = None) -> None:
-    """Re-draw ``weight`` from N(0, 1/fan_in) and zero ``bias``, in place (REFERENCE §5).
+    """Re-draw ``weight`` from N(0, 1/fan_in) and zero ``bias``, in place (docs/maths.md,
+    "SELU").
 
     Args:
         weight: a conv/linear weight.
@@ -118,13 +123,15 @@ def _channel_moments(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor, int]:
 
 # -- graph helpers ---------------------------------------------------------------------------
 
-def _inplace_arg(node: fx.Node, position: int | None) -> bool:
-    """The ``inplace`` flag of a functional activation call."""
-    if "inplace" in node.kwargs:
-        return bool(node.kwargs["inplace"])
-    if position is not None and len(node.args) > position:
-        return bool(node.args[position])
-    return False
+def _selu_call(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, tuple[Any, ...],
+                                                         dict[str, Any]]:
+    """Target, args and kwargs of the SELU replacing a functional rectifier, in the same
+    spelling family: ATen for ATen (``aten.selu_`` for an in-place overload), else ``F.selu``."""
+    x = op_args(node, gm).get("input")
+    inplace = is_inplace(node, gm)
+    if isinstance(node.target, torch._ops.OpOverload):
+        return (_aten.selu_.default if inplace else _aten.selu.default), (x,), {}
+    return F.selu, (x,), {"inplace": inplace}
 
 
 def _replace_activations(gm: fx.GraphModule, report: PassReport) -> int:
@@ -133,13 +140,15 @@ def _replace_activations(gm: fx.GraphModule, report: PassReport) -> int:
     count = 0
     gates: list[str] = []
     for node in list(gm.graph.nodes):
+        kind = op_kind(node, gm)
+        if kind == "gate":
+            label = str(node.target) if node.op == "call_module" else node.name
+            gates.append(f"{label} ({describe_op(node, gm)})")
+        if kind not in _RECTIFIERS:
+            continue
+        count += 1
         m = module_of(gm, node)
         if m is not None:
-            if isinstance(m, _GATE_MODULES):
-                gates.append(f"{node.target} ({type(m).__name__})")
-            if not isinstance(m, SELU_MODULES):
-                continue
-            count += 1
             target = str(node.target)
             if target in done:
                 continue
@@ -150,53 +159,54 @@ def _replace_activations(gm: fx.GraphModule, report: PassReport) -> int:
             set_submodule(gm, target, nn.SELU(inplace=inplace))
             report.change(target, type(m).__name__, "SELU", "in-place" if inplace else "")
             continue
-        if node.op == "call_function" and (node.target in SELU_FUNCTIONS
-                                           or node.target in _INPLACE_FUNCTIONS):
-            inplace = (node.target in _INPLACE_FUNCTIONS
-                       or _inplace_arg(node, SELU_FUNCTIONS.get(node.target)))
-        elif node.op == "call_method" and node.target in _SELU_METHODS:
-            inplace = _SELU_METHODS[str(node.target)]
-        else:
-            continue
-        before = getattr(node.target, "__name__", str(node.target))
+        before = describe_op(node, gm)
+        fn, args, kwargs = _selu_call(gm, node)
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(F.selu, (node.args[0],), {"inplace": inplace})
+            new = gm.graph.call_function(fn, args, kwargs)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        count += 1
-        report.change(node.name, before, "selu", "in-place" if inplace else "")
+        after = str(fn) if isinstance(fn, torch._ops.OpOverload) else "selu"
+        report.change(node.name, before, after, "in-place" if is_inplace(new, gm) else "")
     if gates:
         report.note("left unchanged (gates/output squashers, not rectifiers): " + ", ".join(gates))
     return count
 
 
 def _replace_dropout(gm: fx.GraphModule, report: PassReport) -> None:
-    """Turn Dropout into AlphaDropout (same p)."""
+    """Turn Dropout into AlphaDropout (same p), keeping each call's spelling."""
     done: set[str] = set()
     for node in list(gm.graph.nodes):
+        if op_kind(node, gm) != "dropout":
+            continue
         m = module_of(gm, node)
-        if m is not None and type(m) in _DROPOUT_MODULES and str(node.target) not in done:
+        if m is not None:
+            if str(node.target) in done:
+                continue
             done.add(str(node.target))
-            new_cls = _DROPOUT_MODULES[type(m)]
+            new_cls = next(new for base, new in _ALPHA_DROPOUT_MODULES.items()
+                           if isinstance(m, base))
             set_submodule(gm, str(node.target), new_cls(p=m.p, inplace=m.inplace))
             report.change(str(node.target), type(m).__name__, new_cls.__name__, f"p={m.p}")
-        elif node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
-            new_fn = _DROPOUT_FUNCTIONS[node.target]
-            node.target = new_fn
-            report.change(node.name, "dropout", new_fn.__name__,
-                          "functional: keeps the training flag fx fixed at trace time")
+            continue
+        new_fn = _ALPHA_DROPOUT_FUNCTIONS.get(node.target)
+        if new_fn is None:
+            report.skip(node.name, describe_op(node, gm), "no alpha-dropout form of this "
+                        "dropout (it returns a mask too); kept as is")
+            continue
+        before = describe_op(node, gm)
+        node.target = new_fn
+        report.change(node.name, before, describe_op(node, gm),
+                      "functional: keeps the training flag fixed at capture time")
 
 
 def _warn_fixed_point_breakers(gm: fx.GraphModule, report: PassReport) -> None:
     """Warn about residual sums and max-pools (they break the SELU fixed point)."""
     sums, pools = [], []
     for node in gm.graph.nodes:
-        m = module_of(gm, node)
         if is_residual_sum(node):
             sums.append(node.name)
-        elif isinstance(m, _MAXPOOL_MODULES) or (
-                node.op == "call_function" and node.target in _MAXPOOL_FUNCTIONS):
-            pools.append(str(node.target) if m is not None else node.name)
+        elif op_kind(node, gm) in ("max_pool", "adaptive_max_pool"):
+            pools.append(str(node.target) if node.op == "call_module" else node.name)
     if sums:
         report.warn(f"{len(sums)} residual sum(s) break the self-normalizing fixed point "
                     f"(variances add up): {', '.join(sums)}")
@@ -210,16 +220,14 @@ def _warn_fixed_point_breakers(gm: fx.GraphModule, report: PassReport) -> None:
 
 
 def _hidden_layers(gm: fx.GraphModule) -> list[fx.Node]:
-    """Conv/linear nodes whose output reaches a SELU (graph order)."""
-    selu_nodes = {n for n in gm.graph.nodes
-                  if isinstance(module_of(gm, n), nn.SELU)
-                  or (n.op == "call_function" and n.target is F.selu)}
+    """Conv/linear module nodes whose output reaches a SELU (graph order)."""
+    selu_nodes = {n for n in gm.graph.nodes if op_kind(n, gm) == "selu"}
     feeds_selu: set[fx.Node] = set()
     for node in reversed(list(gm.graph.nodes)):
         if any(u in selu_nodes or u in feeds_selu for u in node.users):
             feeds_selu.add(node)
     return [n for n in gm.graph.nodes
-            if isinstance(module_of(gm, n), _AFFINE_LAYERS) and n in feeds_selu]
+            if isinstance(module_of(gm, n), FOLD_TARGETS) and n in feeds_selu]
 
 
 def _as_batches(inputs: Any) -> list[Any]:
@@ -261,10 +269,7 @@ def calibrate_units(gm: fx.GraphModule, calibration_inputs: Any, report: PassRep
     flags = {m: m.training for m in gm.modules()}
     gm.eval()
     layers = _hidden_layers(gm)
-    calls: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    calls = module_calls(gm)
     done = 0
     try:
         for node in layers:
@@ -380,7 +385,7 @@ def selu_init(gm: fx.GraphModule, *, init: Init = "keep", calibration_inputs: An
     report = PassReport(title="SELU init")
     if init == "lecun":
         for name, m in gm.named_modules():
-            if isinstance(m, _AFFINE_LAYERS):
+            if isinstance(m, FOLD_TARGETS):
                 lecun_normal_(m.weight, m.bias, generator)
                 report.change(name, type(m).__name__, "LeCun normal init",
                               "weight ~ N(0, 1/fan_in), bias 0")

@@ -1,6 +1,6 @@
 """Convert Conv/Linear → BatchNorm → ReLU chains to Normalization Propagation, eval-exact.
 
-Rewrite (REFERENCE §0, §4). A chain ``y = relu(bn(conv(x)))`` with the BN in eval mode
+Rewrite (docs/maths.md, "NormProp"). A chain ``y = relu(bn(conv(x)))`` with the BN in eval mode
 ``bn(z) = s·z + t`` (``s = γ_BN/sqrt(σ²_r+ε)``, ``t = β_BN − s·μ_r``) and a conv/linear with weight
 ``W`` and bias ``b0`` becomes::
 
@@ -13,8 +13,11 @@ exactly the old pre-activation ``s·(W∗x + b0) + t``.
 The correction changes what the following layers see (``o`` instead of ``y``), so it is undone
 in the next affine layer(s), reached from the ReLU through operations that commute with the
 monotone map ``y ↦ a·y + c`` (a > 0): max-pooling, average pooling over real elements
-(adaptive, or without zero padding counted), mean, flatten/view/reshape/permute, identity and
-dropout (identity in eval). Each such consumer ``L(v) = W2 ∗ v + b2`` becomes::
+(adaptive, or without zero padding counted), mean, flatten/view/reshape/permute, indexing,
+identity and dropout (identity in eval). Ops are matched by their canonical kind
+(:func:`~normswap.passes._match.op_kind`), so ``nn.ReLU``, ``F.relu``, ``x.relu_()`` and the
+ATen ``aten.relu_.default`` of a ``torch.export`` capture are the same ReLU. Each such
+consumer ``L(v) = W2 ∗ v + b2`` becomes::
 
     W2' = W2/a,   b2' = b2 − (c/a)·ΣW2   (sum over all of unit i's inputs)
 
@@ -42,10 +45,9 @@ collects every such node and raises one :class:`UnsupportedNodeError`):
 
 from __future__ import annotations
 
-import builtins
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,35 +62,24 @@ from ..norms.normprop import (
     NormPropBase,
 )
 from ..report import PassReport
-from ._match import is_batchnorm, is_impure, is_residual_sum, module_of, overrides_forward
+from ._match import (
+    describe_op,
+    eliminate_dead_code,
+    is_residual_sum,
+    module_calls,
+    module_of,
+    op_args,
+    op_kind,
+    returns_tuple,
+    shared_param_counts,
+)
 from ._math import absorb_post_relu, normprop_params, norm_scale_shift
 
-__all__ = ["to_normprop", "normprop_params", "absorb_post_relu"]
+__all__ = ["to_normprop"]
 
 log = logging.getLogger(__name__)
 
-_AFFINE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
-_RELU_METHODS = {"relu", "relu_"}
-_COMMUTING_MODULES: tuple[type[nn.Module], ...] = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.FeatureAlphaDropout, nn.Identity, nn.Flatten, nn.Unflatten,
-)
-_COMMUTING_FUNCTIONS: set[Any] = {
-    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
-    torch.transpose, torch.mean,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-}
-_DROPOUT_FUNCTIONS: set[Any] = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-                                F.alpha_dropout, F.feature_alpha_dropout}
-_COMMUTING_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze",
-                      "permute", "transpose", "mean", "unflatten"}
-_SHAPE_METHODS = {"size", "dim"}
+_AFFINE_KINDS = frozenset({"conv", "linear"})
 
 
 # -- graph analysis --------------------------------------------------------------------------
@@ -103,85 +94,64 @@ class _Chain:
     consumers: list[fx.Node] = field(default_factory=list)
 
 
-def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
-    """Short description of what a node does (for reasons in the report)."""
-    m = module_of(gm, node)
-    if m is not None:
-        return type(m).__name__
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target))
-    if node.op == "call_method":
-        return f".{node.target}()"
-    return node.op
+def _any_set(value: Any) -> bool:
+    """A padding (int or per-dim sequence) that pads somewhere."""
+    return any(value) if isinstance(value, (tuple, list)) else bool(value)
 
 
-def _is_bn_node(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A BatchNorm call, as a leaf module or a functional batch_norm."""
-    m = module_of(gm, node)
-    if m is not None:
-        return is_batchnorm(m) and not overrides_forward(m)
-    return node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm)
+def _always(args: dict[str, Any]) -> str:
+    return ""
 
 
-def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """nn.ReLU, F.relu / torch.relu (and in-place forms) or ``x.relu()``."""
-    m = module_of(gm, node)
-    if m is not None:
-        return type(m) is nn.ReLU
-    if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS
-    return node.op == "call_method" and node.target in _RELU_METHODS
+def _avg_pool_problem(args: dict[str, Any]) -> str:
+    """An average pool commutes with ``v ↦ a·v + c`` only when it averages real elements."""
+    if args.get("divisor_override"):
+        return "average pool with divisor_override is not an average"
+    if _any_set(args.get("padding", 0)) and args.get("count_include_pad", True):
+        return "average pool counts zero padding (count_include_pad=True)"
+    return ""
 
 
-def _module_calls(gm: fx.GraphModule) -> dict[str, int]:
-    """How many call_module nodes call each module target."""
-    counts: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            counts[str(n.target)] = counts.get(str(n.target), 0) + 1
-    return counts
+def _dropout_problem(args: dict[str, Any]) -> str:
+    """A functional dropout traced in training mode would drop corrected units in eval."""
+    if args.get("training", False):
+        return "functional dropout with training=True"
+    return ""
+
+
+_COMMUTING: dict[str, Callable[[dict[str, Any]], str]] = {
+    # kind: why an op of that kind does not commute with the correction ('' = it does)
+    "max_pool": _always, "adaptive_max_pool": _always, "adaptive_avg_pool": _always,
+    "avg_pool": _avg_pool_problem, "mean": _always,
+    "dropout": _dropout_problem, "alpha_dropout": _dropout_problem,
+    "identity": _always, "flatten": _always, "reshape": _always, "layout": _always,
+    "getitem": _always,  # a slice of the corrected values, or the values of a max-pool
+}
+"""Ops that commute with the monotone elementwise map ``v ↦ a·v + c`` (a > 0)."""
 
 
 def _commutes(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> tuple[bool, str]:
     """Whether ``node`` (reading ``src``) commutes with ``v ↦ a·v + c``; else why not."""
+    what = describe_op(node, gm)
     if not node.args or node.args[0] is not src:
-        return False, f"reads the ReLU output in an unsupported position ({_describe(gm, node)})"
+        return False, f"reads the ReLU output in an unsupported position ({what})"
     if any(a is src for a in list(node.args[1:]) + list(node.kwargs.values())):
-        return False, f"reads the ReLU output twice ({_describe(gm, node)})"
-    m = module_of(gm, node)
-    if m is not None:
-        if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
-            pads = m.padding if isinstance(m.padding, tuple) else (m.padding,)
-            if getattr(m, "divisor_override", None):
-                return False, "average pool with divisor_override is not an average"
-            if any(pads) and m.count_include_pad:
-                return False, "average pool counts zero padding (count_include_pad=True)"
-            return True, ""
-        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) and m.return_indices:
-            return False, "max pool with return_indices"
-        if isinstance(m, _COMMUTING_MODULES):
-            return True, ""
-        return False, f"{type(m).__name__} does not commute with the correction"
-    if node.op == "call_function":
-        if node.target in _DROPOUT_FUNCTIONS:
-            if node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True):
-                return False, "functional dropout with training=True"
-            return True, ""
-        if node.target in _COMMUTING_FUNCTIONS:
-            if node.kwargs.get("return_indices"):
-                return False, "max pool with return_indices"
-            return True, ""
-    if node.op == "call_method" and node.target in _COMMUTING_METHODS:
-        return True, ""
-    return False, f"{_describe(gm, node)} does not commute with the correction"
+        return False, f"reads the ReLU output twice ({what})"
+    check = _COMMUTING.get(op_kind(node, gm) or "")
+    if check is None:
+        return False, f"{what} does not commute with the correction"
+    reason = check(op_args(node, gm))
+    return not reason, reason
 
 
-def _is_shape_query(node: fx.Node) -> bool:
-    """``x.size()``, ``x.dim()`` or ``x.shape``: reads no values."""
-    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+def _reads_no_values(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> bool:
+    """``x.size()``, ``x.shape`` -- or the indices of a max-pool (an increasing map keeps
+    them): nothing that the correction changes."""
+    kind = op_kind(node, gm)
+    if kind == "shape":
         return True
-    return (node.op == "call_function" and node.target is builtins.getattr
-            and len(node.args) > 1 and node.args[1] in ("shape", "ndim"))
+    return (kind == "getitem" and returns_tuple(src, gm)
+            and op_args(node, gm).get("index") != 0)
 
 
 def _find_consumers(gm: fx.GraphModule, relu: fx.Node, calls: dict[str, int],
@@ -197,19 +167,20 @@ def _find_consumers(gm: fx.GraphModule, relu: fx.Node, calls: dict[str, int],
     while stack:
         cur = stack.pop()
         for user in cur.users:
-            if _is_shape_query(user):
+            if _reads_no_values(gm, user, cur):
                 continue
             where = f"'{user.name}'"
             if is_residual_sum(user):
                 problems.append(f"post-ReLU output reaches residual sum {where} "
-                                f"({_describe(gm, user)}): offsets do not cancel")
+                                f"({describe_op(user, gm)}): offsets do not cancel")
                 continue
             if user.op == "output":
                 problems.append("post-ReLU output is a graph output (no layer absorbs the "
                                 "correction)")
                 continue
             m = module_of(gm, user)
-            if isinstance(m, _AFFINE_TYPES) or isinstance(m, NormPropBase):
+            if isinstance(m, NormPropBase) or (m is not None
+                                               and op_kind(user, gm) in _AFFINE_KINDS):
                 reason = _consumer_problem(m, user, cur, calls, shared)
                 if reason:
                     problems.append(f"next layer {where}: {reason}")
@@ -239,16 +210,6 @@ def _consumer_problem(m: nn.Module, node: fx.Node, src: fx.Node,
     return ""
 
 
-def _shared_params(gm: fx.GraphModule) -> set[int]:
-    """ids of parameters held by more than one module (tied weights)."""
-    seen: set[int] = set()
-    shared: set[int] = set()
-    for mod in gm.modules():
-        for p in mod.parameters(recurse=False):
-            (shared if id(p) in seen else seen).add(id(p))
-    return shared
-
-
 def _chain_problem(gm: fx.GraphModule, bn_node: fx.Node,
                    calls: dict[str, int]) -> tuple[_Chain | None, str]:
     """Match conv → BN → ReLU around ``bn_node``; return the chain or the refusal reason."""
@@ -261,8 +222,9 @@ def _chain_problem(gm: fx.GraphModule, bn_node: fx.Node,
         return None, f"BN module is called {calls[str(bn_node.target)]} times"
     src = bn_node.args[0] if bn_node.args else None
     conv = module_of(gm, src) if isinstance(src, fx.Node) else None
-    if src is None or not isinstance(conv, _AFFINE_TYPES) or isinstance(conv, NormPropBase):
-        what = _describe(gm, src) if isinstance(src, fx.Node) else "nothing"
+    if (src is None or conv is None or op_kind(src, gm) not in _AFFINE_KINDS
+            or isinstance(conv, NormPropBase)):
+        what = describe_op(src, gm) if isinstance(src, fx.Node) else "nothing"
         return None, f"BN not preceded by Conv1d/2d/3d or Linear (input is {what})"
     if calls.get(str(src.target), 0) > 1:
         return None, f"conv module '{src.target}' is called {calls[str(src.target)]} times"
@@ -275,11 +237,12 @@ def _chain_problem(gm: fx.GraphModule, bn_node: fx.Node,
         return None, f"BN output has {len(users)} users ({', '.join(u.name for u in users)})"
     nxt = users[0]
     if is_residual_sum(nxt):
-        return None, f"BN output feeds residual sum '{nxt.name}' ({_describe(gm, nxt)}), not a ReLU"
-    if not _is_relu(gm, nxt):
-        return None, (f"BN output feeds '{nxt.name}' ({_describe(gm, nxt)}): NormProp is "
+        return None, (f"BN output feeds residual sum '{nxt.name}' ({describe_op(nxt, gm)}), "
+                      "not a ReLU")
+    if op_kind(nxt, gm) != "relu":
+        return None, (f"BN output feeds '{nxt.name}' ({describe_op(nxt, gm)}): NormProp is "
                       "defined for ReLU only")
-    if nxt.args[0] is not bn_node:
+    if op_args(nxt, gm).get("input") is not bn_node:
         return None, "ReLU reads the BN output in an unexpected position"
     return _Chain(src, bn_node, nxt), ""
 
@@ -378,12 +341,12 @@ def to_normprop(gm: fx.GraphModule, *, strict: bool = True, kappa: float = KAPPA
         UnsupportedNodeError: ``strict=True`` and at least one BatchNorm cannot be converted.
     """
     report = PassReport(title="to_normprop")
-    calls = _module_calls(gm)
-    shared = _shared_params(gm)
+    calls = module_calls(gm)
+    shared = {pid for pid, n in shared_param_counts(gm).items() if n > 1}
     chains: list[_Chain] = []
     refused: list[tuple[fx.Node, str, str]] = []
     for node in list(gm.graph.nodes):
-        if not _is_bn_node(gm, node):
+        if op_kind(node, gm) != "batch_norm":
             continue
         chain, reason = _chain_problem(gm, node, calls)
         if chain is not None:
@@ -392,7 +355,7 @@ def to_normprop(gm: fx.GraphModule, *, strict: bool = True, kappa: float = KAPPA
             if problems:
                 chain = None
         if chain is None:
-            refused.append((node, _describe(gm, node), reason))
+            refused.append((node, describe_op(node, gm), reason))
         else:
             chains.append(chain)
 
@@ -459,7 +422,7 @@ def to_normprop(gm: fx.GraphModule, *, strict: bool = True, kappa: float = KAPPA
                     "train mode uses NormProp (no batch statistics)")
     if refused:
         report.warn(f"{len(refused)} BatchNorm node(s) kept as BatchNorm (strict=False)")
-    gm.graph.eliminate_dead_code(is_impure_node=is_impure)
+    eliminate_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
     return gm, report

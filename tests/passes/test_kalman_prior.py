@@ -18,7 +18,8 @@ from torch.testing import assert_close
 
 from normswap.norms.kalman import KalmanBatchNorm, kalman_from_batchnorm
 import normswap
-from normswap.capture import trace
+from normswap.capture import capture, trace
+from normswap.passes._infra import PassStep, run_passes
 from normswap.passes._math import (
     add_moments,
     avgpool_moments,
@@ -32,6 +33,9 @@ from normswap.passes._math import (
     relu_moments,
 )
 from normswap.passes.kalman_prior import propagate_kalman_priors, remove_kalman_priors
+from normswap.passes.swap_norm import swap_norm
+from normswap.report import PassReport
+from tests.conftest import randomize_bn
 
 MEAN_ATOL = 0.03
 VAR_RTOL = 0.04
@@ -342,3 +346,201 @@ def test_kalman_resnet18_trains_at_batch_two() -> None:
         assert all(seen[n] is not None for n in names if n != "bn1")
     assert all(torch.isfinite(p).all() for p in gm.parameters())
     assert all(torch.isfinite(b).all() for b in gm.buffers())
+
+
+# -- graphs captured by torch.export (ATen ops between lifted modules) ---------------------------
+class _FunctionalResidual(nn.Module):
+    """A residual CNN written with functional ops: F.relu, x + y, torch.cat, F.max_pool2d,
+    an in-place relu, a spatial mean, a functional dropout and a view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.c1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.c3 = nn.Conv2d(16, 8, 1)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+        self.bn4 = nn.BatchNorm1d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn0(self.stem(x)))
+        y = self.bn2(self.c2(F.relu(self.bn1(self.c1(h)))))
+        y = F.relu(y + h)
+        z = F.max_pool2d(torch.cat([y, h * 0.5], 1), 2)
+        z = torch.relu_(self.bn3(self.c3(z)))
+        z = F.dropout(z.mean((2, 3)), 0.1, training=self.training)
+        return self.bn4(self.fc(z.view(z.shape[0], -1)))
+
+
+_KALMAN = PassStep(swap_norm, {"factory": lambda bn: kalman_from_batchnorm(bn, gain=0.9)})
+
+
+def _kalman_region(model: nn.Module, x: torch.Tensor, strategy: str
+                   ) -> tuple[torch.fx.GraphModule, PassReport]:
+    """Capture with one strategy, then swap to Kalman and wire the priors with the runner."""
+    cap = capture(copy.deepcopy(model), (x,), strategies=(strategy,), bn_subclasses="inline")
+    assert cap.strategy == strategy, cap.attempts
+    report = PassReport()
+    gm = run_passes(cap.regions[0].gm, [_KALMAN, PassStep(propagate_kalman_priors)],
+                    context={"strict": True}, report=report)
+    return gm, report
+
+
+def test_export_capture_gets_the_same_priors_as_fx() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(_FunctionalResidual(), seed=4).eval()
+    x = torch.randn(4, 3, 8, 8)
+    graphs, reports = {}, {}
+    for strategy in ("fx", "export"):
+        graphs[strategy], reports[strategy] = _kalman_region(model, x, strategy)
+    exported = graphs["export"]
+    aten_ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert {"aten.relu.default", "aten.relu_.default", "aten.add.Tensor", "aten.mul.Tensor",
+            "aten.cat.default", "aten.max_pool2d.default", "aten.mean.dim",
+            "aten.dropout.default", "aten.view.default"} <= aten_ops
+    wired = {s: {c.node: c.detail.split(" (node")[0] for c in r.changes
+                 if c.after.endswith("(Kalman prior)")} for s, r in reports.items()}
+    assert wired["export"] == wired["fx"] == {
+        "bn1": "prior from bn0", "bn2": "prior from bn1", "bn3": "prior from bn0, bn2",
+        "bn4": "prior from bn3"}
+    for r in reports.values():
+        assert not r.skips
+        assert r.metrics["kalman_layers"] == 5 and r.metrics["kalman_layers_with_prior"] == 4
+    # eval: exactly the BN model; train: fx and export compute the same thing, priors included
+    with torch.no_grad():
+        assert_close(exported.eval()(x), model(x))
+    seen = {s: _record_priors(g) for s, g in graphs.items()}
+    outs = {s: g.train()(x) for s, g in graphs.items()}
+    assert_close(outs["export"], outs["fx"], rtol=1e-6, atol=1e-6)
+    for name in ("bn1", "bn2", "bn3", "bn4"):
+        assert seen["export"][name] is not None
+        assert_close(seen["export"][name][0], seen["fx"][name][0])
+        assert_close(seen["export"][name][1], seen["fx"][name][1])
+    assert seen["export"]["bn0"] is None
+    # the export-captured result also trains and undoes its priors
+    outs["export"].sum().backward()
+    assert exported.get_submodule("c2").weight.grad is not None
+    exported, undo = remove_kalman_priors(exported)
+    assert len(undo.changes) == 5 and "prior" not in exported.code
+
+
+def test_swap_api_matches_the_export_captured_kalman_model() -> None:
+    torch.manual_seed(1)
+    model = randomize_bn(_FunctionalResidual(), seed=5).eval()
+    x = torch.randn(4, 3, 8, 8)
+    swapped = normswap.swap(model, "kalman", example_inputs=x, gain=0.9)
+    report = swapped.normswap_report
+    assert {c.node for c in report.changes if c.after.endswith("(Kalman prior)")} == {
+        "bn1", "bn2", "bn3", "bn4"}
+    exported, _ = _kalman_region(model, x, "export")
+    with torch.no_grad():
+        assert_close(swapped.train()(x), exported.train()(x), rtol=1e-6, atol=1e-6)
+
+
+class _AtenCuts(nn.Module):
+    """Ops without a moment rule between Kalman layers, as ATen after export."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(4)
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(8, 4, 1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn0(self.c0(x))
+        y = self.bn1(self.c1(F.gelu(h)))             # gelu: no exact rule
+        z = torch.cat([F.relu(y), F.relu(h)], dim=-1)  # cat along width: cut
+        return self.bn2(self.c2(torch.cat([z[..., :8], z[..., 8:]], 1)))
+
+
+def test_export_capture_cuts_name_the_aten_op() -> None:
+    model = randomize_bn(_AtenCuts(), seed=2).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm, report = _kalman_region(model, x, "export")
+    skips = {s.node: s for s in report.skips}
+    assert set(skips) == {"bn1", "bn2"}
+    assert skips["bn1"].op == "aten.gelu.default" and "gelu" in skips["bn1"].reason
+    assert skips["bn2"].op == "aten.cat.default" and "dim -1" in skips["bn2"].reason
+    seen = _record_priors(gm)
+    gm.train()(x)
+    assert seen["bn1"] is None and seen["bn2"] is None
+
+
+class _MoreOps(nn.Module):
+    """rsub, neg, a cast, a max-pool with indices, a flatten and a mean over the channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(4)
+        self.c1 = nn.Conv2d(4, 4, 1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(16, 4)
+        self.bn2 = nn.BatchNorm1d(4)
+        self.bn3 = nn.BatchNorm2d(1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.relu(self.bn0(self.c0(x)))
+        h = (1.0 - (-h)).float()
+        p, _ = F.max_pool2d(h, 2, return_indices=True)
+        y = self.bn1(self.c1(p))
+        z = self.bn2(self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 2), 1)))
+        return z, self.bn3(y.mean(1, keepdim=True))
+
+
+@pytest.mark.parametrize("strategy", ["fx", "export"])
+def test_more_rules_on_both_captures(strategy: str) -> None:
+    model = randomize_bn(_MoreOps(), seed=3).eval()
+    x = torch.randn(4, 3, 8, 8)
+    gm, report = _kalman_region(model, x, strategy)
+    changes = {c.node: c.detail for c in report.changes if c.after.endswith("(Kalman prior)")}
+    assert set(changes) == {"bn1", "bn2"}
+    skips = {s.node: s.reason for s in report.skips}
+    assert set(skips) == {"bn3"} and "includes the batch or channel dim" in skips["bn3"]
+    seen = _record_priors(gm)
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    gm.bn0.register_forward_hook(lambda mod, a, out: stats.__setitem__("bn0", out[1]))
+    gm.train()(x)
+    # bn1's prior: relu -> neg -> 1 - (.) -> max of 4 (the ReLU is hidden by the affine ops)
+    # -> 1x1 conv, from bn0's combined moments
+    bn0 = gm.bn0
+    mean, var = relu_moments(*normalised_moments(*stats["bn0"], bn0.weight, bn0.bias, bn0.eps))
+    expect = conv_moments(*maxpool_moments(mean + 1.0, var, 4), gm.c1.weight, gm.c1.bias)
+    assert_close(seen["bn1"][0], expect[0])
+    assert_close(seen["bn1"][1], expect[1])
+    assert seen["bn2"] is not None and seen["bn2"][0].shape == (4,) and seen["bn3"] is None
+
+
+class _BNReLU(nn.BatchNorm2d):
+    """A BN subclass with its own forward (as timm's BatchNormAct2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(x))
+
+
+def test_grafted_kalman_layer_gets_no_prior_and_is_reported() -> None:
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), _BNReLU(4), nn.Conv2d(4, 4, 3),
+                                       nn.BatchNorm2d(4))).eval()
+    x = torch.randn(2, 3, 9, 9)
+    cap = capture(copy.deepcopy(model), (x,), strategies=("fx",), bn_subclasses="leaf")
+    report = PassReport()
+    gm = run_passes(cap.regions[0].gm, [_KALMAN, PassStep(propagate_kalman_priors)],
+                    context={"strict": True}, report=report)
+    skips = {s.node: s for s in report.skips}
+    assert set(skips) == {"1", "3"}
+    assert "grafted" in skips["1"].reason and "takes no prior" in skips["1"].reason
+    assert "prior chain cut at node" in skips["3"].reason
+    assert report.metrics["kalman_layers"] == 2
+    assert report.metrics["kalman_layers_with_prior"] == 0
+    with torch.no_grad():
+        assert_close(gm.eval()(x), model(x))
+    seen = _record_priors(gm)
+    out = gm.train()(x)   # the grafted layer is called as before: no prior argument
+    assert torch.isfinite(out).all() and seen["3"] is None

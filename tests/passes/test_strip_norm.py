@@ -10,9 +10,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normswap.capture import capture
 from normswap.errors import NormswapError
 from normswap.norms.affine import ChannelAffine
 import normswap
+from normswap.passes._infra import PassStep, run_passes
+from normswap.passes.fold_conv_bn import fold_conv_bn
+from normswap.passes.strip_norm import alpha_dropout, selu_activations, selu_init
+from normswap.report import PassReport
 from tests.conftest import randomize_bn, rel_err
 
 torchvision = pytest.importorskip("torchvision")
@@ -237,3 +242,66 @@ def test_calibrate_accepts_a_single_tensor() -> None:
         pre = layer("6")(F.selu(layer("3")(F.selu(layer("0")(data)))))
     torch.testing.assert_close(pre.mean(0), torch.zeros(32), atol=1e-4, rtol=0)
     torch.testing.assert_close(pre.var(0, unbiased=False), torch.ones(32), atol=1e-3, rtol=0)
+
+
+# -- graphs captured by torch.export (ATen ops between lifted modules) ---------------------------
+
+class _AtenActs(nn.Module):
+    """Functional rectifiers and dropouts (ATen after export); ``as_selu`` is the reference."""
+
+    def __init__(self, as_selu: bool = False) -> None:
+        super().__init__()
+        self.as_selu = as_selu
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.b2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 16)
+        self.b3 = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.as_selu
+        x = self.b1(self.c1(x))
+        x = F.max_pool2d(F.selu(x) if s else F.relu(x), 2)
+        x = self.b2(self.c2(x))
+        x = F.max_pool2d(torch.selu_(x) if s else torch.relu_(x), 2)
+        x = F.dropout(x.view(x.shape[0], -1), 0.1, training=self.training)
+        x = self.b3(self.fc(x))
+        x = F.selu(x) if s else F.leaky_relu(x, 0.1, inplace=True)
+        return self.head(F.dropout1d(x, 0.2, self.training))
+
+
+def test_export_captured_activations_become_aten_selu() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(_AtenActs()).eval()
+    reference = copy.deepcopy(model)
+    reference.as_selu = True
+    x = torch.randn(4, 3, 16, 16)
+    cap = capture(copy.deepcopy(model), (x,), strategies=("export",), bn_subclasses="inline")
+    assert cap.strategy == "export", cap.attempts
+    report = PassReport()
+    gm = run_passes(cap.regions[0].gm, [PassStep(fold_conv_bn), PassStep(selu_activations),
+                                        PassStep(alpha_dropout), PassStep(selu_init)],
+                    context={"strict": False}, report=report)
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    # same spelling family: ATen relu -> aten.selu, in-place ATen -> aten.selu_
+    assert targets.count("aten.selu.default") == 1 and targets.count("aten.selu_.default") == 2
+    assert not [t for t in targets if "relu" in t or t in ("aten.dropout.default",
+                                                           "aten.feature_dropout.default")]
+    assert "aten.alpha_dropout.default" in targets
+    assert "aten.feature_alpha_dropout.default" in targets
+    changes = {c.node: (c.before, c.after, c.detail) for c in report.changes}
+    assert changes["relu_"] == ("aten.relu_.default", "aten.selu_.default", "in-place")
+    assert changes["leaky_relu_"][1] == "aten.selu_.default"
+    assert any(w.node == "max_pool2d" for w in report.warnings)
+    assert _count(gm, _BatchNorm) == 0
+    # it runs and computes the BN model with SELU (the fold is exact, dropouts are eval)
+    with torch.no_grad():
+        out = gm.eval()(x)
+        assert rel_err(out, reference.eval()(x)) < 1e-5
+        fx_result = normswap.swap(model, "selu", example_inputs=x, init="keep", strict=False)
+        assert rel_err(out, fx_result.eval()(x)) < 1e-5
+    fx_targets = {n.target for n in fx_result.graph.nodes if n.op == "call_function"}
+    assert F.selu in fx_targets and F.alpha_dropout in fx_targets
+    assert F.feature_alpha_dropout in fx_targets

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normswap.capture import capture
 from normswap.errors import UnsupportedNodeError
 from normswap.norms.normprop import (
     POST_RELU_SCALE,
@@ -19,6 +20,7 @@ from normswap.norms.normprop import (
     NormPropLinear,
     NormPropBase,
 )
+from normswap.passes._match import module_of
 from normswap.passes._math import absorb_post_relu, normprop_params
 from normswap.passes.to_normprop import to_normprop
 from tests.conftest import randomize_bn, rel_err
@@ -294,3 +296,81 @@ def test_tied_next_layer_is_refused() -> None:
     model = randomize_bn(_Tied()).eval()
     with pytest.raises(UnsupportedNodeError, match="tied weights"):
         _convert(model)
+
+
+# -- graphs captured by torch.export (ATen ops between lifted modules) ---------------------------
+
+class _AtenChain(nn.Module):
+    """Plain chains written with functional ops; export turns them into ATen nodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.b2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 16)
+        self.b3 = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.b1(self.c1(x))), 2)
+        x = F.max_pool2d(torch.relu_(self.b2(self.c2(x))), 2)
+        x = F.dropout(x.view(x.shape[0], -1), 0.1, training=self.training)
+        x = F.relu(self.b3(self.fc(x)), inplace=True)
+        return self.head(F.dropout(x, 0.2, self.training))
+
+
+def _export(model: nn.Module, x: torch.Tensor) -> fx.GraphModule:
+    cap = capture(copy.deepcopy(model), (x,), strategies=("export",), bn_subclasses="inline")
+    assert cap.strategy == "export", cap.attempts
+    return cap.regions[0].gm
+
+
+def test_export_captured_chains_convert_eval_exact() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(_AtenChain(), seed=3).eval()
+    x = torch.randn(4, 3, 16, 16)
+    gm = _export(model, x)
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert {"aten.relu.default", "aten.relu_.default", "aten.max_pool2d.default",
+            "aten.view.default", "aten.dropout.default"} <= targets
+    gm, report = to_normprop(gm, strict=True)
+    assert _count(gm, _BatchNorm) == 0 and _count(gm, NormPropBase) == 3
+    assert _count(gm, NormPropCorrection) == 3
+    # each correction reads an ATen ReLU; the ATen dropouts/pools/view in between commute
+    corrections = [n for n in gm.graph.nodes
+                   if isinstance(module_of(gm, n), NormPropCorrection)]
+    assert {str(n.args[0].target) for n in corrections} == {"aten.relu.default",
+                                                            "aten.relu_.default"}
+    _assert_eval_exact(model, gm, x, tol=1e-5)
+    fx_gm, fx_report = _convert(model)
+    assert ({(c.node, c.before, c.after) for c in report.changes}
+            == {(c.node, c.before, c.after) for c in fx_report.changes})
+
+
+class _AtenResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.b2 = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.b1(self.c1(x)))
+        return F.relu(self.b2(self.c2(h)) + h)
+
+
+def test_export_captured_residual_sums_are_refused_by_name() -> None:
+    model = randomize_bn(_AtenResidual()).eval()
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(UnsupportedNodeError) as info:
+        to_normprop(_export(model, x), strict=True)
+    msg = str(info.value)
+    assert "b1 (BatchNorm2d): post-ReLU output reaches residual sum 'add' (aten.add.Tensor)" \
+        in msg
+    assert "b2 (BatchNorm2d): BN output feeds residual sum 'add' (aten.add.Tensor)" in msg
+    gm, report = to_normprop(_export(model, x), strict=False)
+    assert {s.node for s in report.skips} == {"b1", "b2"}
+    _assert_eval_exact(model, gm, x, tol=1e-6)
