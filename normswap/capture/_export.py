@@ -20,6 +20,7 @@ eval, a lifted ``nn.Dropout`` is not).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import defaultdict
 from typing import Any, Callable
@@ -35,12 +36,20 @@ __all__ = ["export_graph", "lift_modules"]
 log = logging.getLogger(__name__)
 
 
-def _auto_dims(tree: Any) -> Any:
+def _auto_dims(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``dynamic_shapes`` with every tensor dim ``Dim.AUTO``: a tuple matching ``args`` when
+    there are no keyword inputs, else a dict by the forward's parameter names."""
     from torch.export import Dim
 
-    return pytree.tree_map(
-        lambda t: {i: Dim.AUTO for i in range(t.dim())} if isinstance(t, torch.Tensor) else None,
-        tree)
+    def spec(tree: Any) -> Any:
+        return pytree.tree_map(
+            lambda t: {i: Dim.AUTO for i in range(t.dim())} if isinstance(t, torch.Tensor)
+            else None, tree)
+
+    if not kwargs:
+        return tuple(spec(a) for a in args)
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    return {name: spec(value) for name, value in bound.arguments.items()}
 
 
 def export_graph(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None,
@@ -64,7 +73,8 @@ def export_graph(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     with ModuleStateGuard(module):
         try:
             program = torch.export.export(module, tuple(args), kwargs, strict=False,
-                                          dynamic_shapes=_auto_dims((tuple(args), kwargs)))
+                                          dynamic_shapes=_auto_dims(module, tuple(args),
+                                                                    kwargs))
         except Exception as exc:  # noqa: BLE001 - dynamic dims refused: retry static
             log.debug("export with dynamic dims failed (%s); retrying with static shapes", exc)
             program = torch.export.export(module, tuple(args), kwargs, strict=False)

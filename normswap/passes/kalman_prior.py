@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor, fx
+from torch import Tensor, fx, nn
 
 from ..norms.kalman import KalmanBatchNorm, Moments, set_kalman_gain
 from ..report import PassReport
@@ -68,6 +68,7 @@ from ._match import (
     returns_tuple,
 )
 from ._math import (
+    activation_moments,
     add_moments,
     affine_moments,
     avgpool_moments,
@@ -150,6 +151,63 @@ def _mom_add(a: Moments | float | None, b: Moments | float | None, alpha: float,
     if a_is_mom:
         return affine_moments(a[0], a[1], 1.0, alpha * float(b))  # type: ignore[index,arg-type]
     return affine_moments(b[0], b[1], alpha, float(a))  # type: ignore[index,arg-type]
+
+
+@leaf_function
+def _mom_activation(mom: Moments | None, fn: nn.Module) -> Moments | None:
+    """Moments of an elementwise activation by quadrature (``fn`` is the graph's own module,
+    or an :class:`ElementwiseFn` holding its function), or None."""
+    return None if mom is None else activation_moments(mom[0], mom[1], fn)
+
+
+@leaf_function
+def _mom_channel_scale(mom: Moments | None, x: Tensor, factor: Tensor, divide: bool
+                       ) -> Moments | None:
+    """Moments of ``x·f`` (or ``x/f``) for a constant ``f`` that varies along dim 1 only (a
+    layer scale ``gamma.view(-1, 1, 1)``), or None when it varies along other dims too."""
+    if mom is None:
+        return None
+    f = factor.detach()
+    if f.dim() > x.dim():
+        return None
+    f = f.reshape((1,) * (x.dim() - f.dim()) + tuple(f.shape))
+    if any(n != 1 for i, n in enumerate(f.shape) if i != 1):
+        return None
+    f = f.reshape(-1).to(mom[0].dtype).expand(mom[0].numel())
+    f = 1.0 / f if divide else f
+    return mom[0] * f, mom[1] * f * f
+
+
+@leaf_function
+def _mom_split(mom: Moments | None, parts: Any) -> list[Moments] | None:
+    """Channel moments cut like a split/chunk along dim 1 (``parts``: the sizes), or None."""
+    if mom is None:
+        return None
+    sizes = [int(t.shape[1]) for t in parts]
+    if sum(sizes) != mom[0].numel():
+        return None
+    return [(m, v) for m, v in zip(mom[0].split(sizes), mom[1].split(sizes))]
+
+
+@leaf_function
+def _mom_item(moms: list[Moments] | None, index: int) -> Moments | None:
+    """One part of a split's moments, or None."""
+    return None if moms is None else moms[index]
+
+
+class ElementwiseFn(nn.Module):
+    """A function of the graph (``F.silu``, ``aten.hardswish``, ``x.sigmoid()``) with its
+    constant arguments, as a module the prior graph can hand to :func:`_mom_activation`."""
+
+    def __init__(self, target: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> None:
+        super().__init__()
+        self.target, self.kind, self.extra, self.kw = target, kind, args, kwargs
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "call_method":
+            return getattr(x, str(self.target))(*self.extra, **self.kw)
+        return self.target(x, *self.extra, **self.kw)
 
 
 @leaf_function
@@ -275,6 +333,35 @@ def _relu(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
     return _Known(p.emit(node, _mom_relu, s.node), s.sources, pre_relu=s.node)
 
 
+def _mixes_channels(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """A softmax: not elementwise."""
+    if node.op == "call_module":
+        return isinstance(module_of(gm, node), (nn.Softmax, nn.Softmax2d, nn.LogSoftmax))
+    name = str(getattr(node.target, "__name__", node.target))
+    return "softmax" in name
+
+
+def _activation(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """Any elementwise activation (ReLU6, SiLU, GELU, Hardswish, sigmoid, tanh ...): moments
+    of the graph's own module or function on N(mean, var), by Gauss-Hermite quadrature."""
+    x = a.get("input") if "input" in a else (node.args[0] if node.args else None)
+    s = p.st(x)
+    if not isinstance(s, _Known):
+        return s
+    if _mixes_channels(node, p.gm):
+        return _Cut(node.name, op, "softmax normalises across positions or channels: no "
+                    "per-channel moment rule")
+    if node.op == "call_module":
+        fn_node = p.attr(node, str(node.target))
+    else:
+        extra, kw = tuple(node.args[1:]), dict(node.kwargs)
+        kw.pop("inplace", None)
+        if any(isinstance(v, fx.Node) for v in (*extra, *kw.values())):
+            return _Cut(node.name, op, "activation arguments computed in the graph")
+        fn_node = p.attr(node, p.add_module(ElementwiseFn(node.target, node.op, extra, kw)))
+    return _Known(p.emit(node, _mom_activation, s.node, fn_node), s.sources)
+
+
 def _sum(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any], *, sign: float,
          reverse: bool = False) -> _State:
     """``input + sign*alpha*other`` (``rsub``: ``other - alpha*input``): moments add; a Python
@@ -315,8 +402,32 @@ def _scale(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any], *,
         return _Known(p.emit(node, _mom_affine, sa.node, factor, 0.0), sa.sources)
     if not divide and isinstance(sb, _Known) and _number(x):
         return _Known(p.emit(node, _mom_affine, sb.node, float(x), 0.0), sb.sources)
-    return p.cut_or_none(node, op, "product with a tensor (only Python numbers are supported)",
+    # a per-channel constant (a layer scale): a parameter or buffer, reshaped at most
+    for known, value, const, may_divide in ((sa, x, other, True), (sb, other, x, False)):
+        if (isinstance(known, _Known) and _is_constant(p, const)
+                and (may_divide or not divide)):
+            return _Known(p.emit(node, _mom_channel_scale, known.node, value, const, divide),
+                          known.sources)
+    return p.cut_or_none(node, op, "product with a tensor that is not a constant (only Python "
+                         "numbers and per-channel parameters are supported)",
                          node.all_input_nodes)
+
+
+_CONSTANT_STEPS = frozenset({"reshape", "flatten", "layout", "identity"})
+
+
+def _is_constant(p: _Propagator, value: Any) -> bool:
+    """A graph value computed from parameters/buffers only, through reshapes (no moments)."""
+    seen = 0
+    while isinstance(value, fx.Node) and seen < 8:
+        if p.st(value) is not None:
+            return False
+        if value.op == "get_attr":
+            return True
+        if op_kind(value, p.gm) not in _CONSTANT_STEPS or not value.args:
+            return False
+        value, seen = value.args[0], seen + 1
+    return False
 
 
 def _neg(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
@@ -494,12 +605,35 @@ def _linear(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State
 _VALUES_FIRST = frozenset({"max_pool", "adaptive_max_pool", "dropout"})
 
 
+def _split(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """A split/chunk along dim 1: each part holds its channels' moments (cut along other
+    dims). The parts' sizes are read at run time from the split's own outputs."""
+    x = a.get("input") if "input" in a else (node.args[0] if node.args else None)
+    s = p.st(x)
+    if not isinstance(s, _Known):
+        return s
+    dim = a.get("dim", 0)
+    rank = len(node_shape(x) or ()) if isinstance(x, fx.Node) else 0
+    if isinstance(dim, int) and dim < 0 and rank:
+        dim += rank
+    if dim != 1:
+        return _Cut(node.name, op, f"split along dim {dim}, not the channel dim")
+    return _Known(p.emit(node, _mom_split, s.node, node), s.sources)
+
+
 def _getitem(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
-    """Item 0 of a max-pool with indices or a dropout with mask: its values."""
+    """Item 0 of a max-pool with indices or a dropout with mask: its values; item ``i`` of a
+    channel split: that part's moments."""
     src = a.get("input")
     if (isinstance(src, fx.Node) and a.get("index") == 0
             and op_kind(src, p.gm) in _VALUES_FIRST and returns_tuple(src, p.gm)):
         return p.st(src)
+    if isinstance(src, fx.Node) and op_kind(src, p.gm) == "split" and isinstance(
+            a.get("index"), int):
+        s = p.st(src)
+        if not isinstance(s, _Known):
+            return s
+        return _Known(p.emit(node, _mom_item, s.node, a["index"]), s.sources)
     return p.cut_or_none(node, op, "indexing: no exact moment rule", node.all_input_nodes)
 
 
@@ -510,6 +644,9 @@ def _no_moments(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _S
 
 _RULES: dict[str, _Rule] = {
     "relu": _relu,
+    "relu_like": _activation,
+    "gate": _activation,
+    "selu": _activation,
     "add": functools.partial(_sum, sign=1.0),
     "sub": functools.partial(_sum, sign=-1.0),
     "rsub": functools.partial(_sum, sign=-1.0, reverse=True),
@@ -528,6 +665,7 @@ _RULES: dict[str, _Rule] = {
     "conv": _conv,
     "linear": _linear,
     "getitem": _getitem,
+    "split": _split,
     "shape": _no_moments,
 }
 """Moment rule of each canonical op kind; every other kind cuts the chain."""
@@ -537,8 +675,6 @@ _CUT_REASONS: dict[str | None, str] = {
                       "taps, so there is no per-channel moment rule",
     "batch_norm": "BatchNorm that was not swapped to a Kalman layer: its batch moments are "
                   "not exposed",
-    "relu_like": "no exact moment rule for this activation (only ReLU's rectified-Gaussian "
-                 "moments are exact)",
     "adaptive_max_pool": "no moment rule for adaptive max pooling",
 }
 _NO_RULE = {
@@ -585,6 +721,15 @@ class _Propagator:
             new = self.graph.get_attr(target)
         self._anchor[after] = new
         return new
+
+    def add_module(self, module: nn.Module) -> str:
+        """Register a helper module for the prior graph (no state); returns its name."""
+        taken = {n for n, _ in self.gm.named_children()}
+        i = 0
+        while f"_normswap_prior_fn_{i}" in taken:
+            i += 1
+        self.gm.add_submodule(f"_normswap_prior_fn_{i}", module)
+        return f"_normswap_prior_fn_{i}"
 
     def cut_or_none(self, node: fx.Node, op: str, reason: str, inputs: Sequence[Any]) -> _State:
         """An op that cannot propagate: cut if moments reach it, else no source."""
