@@ -72,6 +72,34 @@ class RunningScaleNorm(BatchStatNorm):
     def _init_spread(self, factory: dict[str, Any]) -> None:
         scale = torch.ones(self.num_features, **factory) if self.track_running_stats else None
         self.register_buffer("running_scale", scale, persistent=False)
+        self._set_exact_var(None)
+
+    # -- the BatchNorm variance it was converted from -----------------------------------------
+    def _set_exact_var(self, var: Tensor | None) -> None:
+        """Remember the exact ``running_var`` a BatchNorm (or a checkpoint) gave, valid until
+        ``running_scale`` changes (tracked by its version counter): eval then runs BatchNorm's
+        own arithmetic on it, bit for bit, instead of ``running_scale**2``."""
+        if var is None or self.running_scale is None:
+            self.register_buffer("_exact_var", None, persistent=False)
+            self.register_buffer("_exact_scale", None, persistent=False)
+            return
+        self.register_buffer("_exact_var", var.detach().to(
+            device=self.running_scale.device,
+            dtype=torch.float64 if self.running_scale.dtype == torch.float64 else torch.float32
+        ).clone(), persistent=False)
+        self.register_buffer("_exact_scale", self.running_scale.detach().clone(),
+                             persistent=False)
+
+    def _exact(self) -> Tensor | None:
+        """The converted ``running_var`` while ``running_scale`` is still the scale it gave
+        (training, calibration or a cast changes it; copies and moves keep it)."""
+        var = getattr(self, "_exact_var", None)
+        ref = getattr(self, "_exact_scale", None)
+        scale = self.running_scale
+        if var is None or ref is None or scale is None or ref.dtype != scale.dtype \
+                or ref.device != scale.device or not torch.equal(ref, scale):
+            return None
+        return var
 
     def _reset_spread(self) -> None:
         self.running_scale.fill_(1.0)  # type: ignore[union-attr]
@@ -80,8 +108,12 @@ class RunningScaleNorm(BatchStatNorm):
         scale = state.eval_scale()
         if scale is not None:
             self.running_scale.copy_(scale)  # type: ignore[union-attr]
+            self._set_exact_var(state.running_var)
 
     def _eval_denominator(self) -> Tensor:
+        exact = self._exact()
+        if exact is not None and bool(torch.isfinite(exact).all()):
+            return torch.sqrt(exact.double() + self.eps)
         return self.running_scale.detach().double()  # type: ignore[union-attr]
 
     # -- BatchNorm view ------------------------------------------------------------------------
@@ -94,6 +126,11 @@ class RunningScaleNorm(BatchStatNorm):
         """
         if self.running_scale is None:
             return None
+        exact = self._exact()
+        if exact is not None:
+            out = torch.float32 if self.running_scale.dtype in (torch.float16, torch.bfloat16) \
+                else self.running_scale.dtype
+            return exact.to(out).clone()
         return running_var_from_scale(self.running_scale, self.eps)
 
     @running_var.setter
@@ -105,6 +142,7 @@ class RunningScaleNorm(BatchStatNorm):
             return
         with torch.no_grad():
             self.running_scale.copy_(scale_from_running_var(torch.as_tensor(value), self.eps))
+        self._set_exact_var(torch.as_tensor(value))
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
                             keep_vars: bool) -> None:
@@ -147,12 +185,18 @@ class RunningScaleNorm(BatchStatNorm):
         with torch.no_grad():
             scale = value.detach() if legacy else scale_from_running_var(value, self.eps)
             self.running_scale.copy_(scale)
+        self._set_exact_var(None if legacy else value)
 
     def _eval_forward(self, x: Tensor) -> Tensor:
         """``(x - running_mean) / running_scale * weight + bias`` via the native eval kernel."""
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         rm = self.running_mean.to(acc)  # type: ignore[union-attr]
-        var = self.running_scale.to(acc).square()  # type: ignore[union-attr]
         w = None if self.weight is None else self.weight.to(acc)
         b = None if self.bias is None else self.bias.to(acc)
+        exact = self._exact()
+        if exact is not None and bool(torch.isfinite(exact).all()):
+            # the BatchNorm it came from, computed exactly as BatchNorm computes it
+            return torch.nn.functional.batch_norm(x, rm, exact.to(acc), w, b, False, 0.0,
+                                                  self.eps)
+        var = self.running_scale.to(acc).square()  # type: ignore[union-attr]
         return torch.nn.functional.batch_norm(x, rm, var, w, b, False, 0.0, 0.0)
