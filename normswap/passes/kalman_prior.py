@@ -190,9 +190,32 @@ def _mom_split(mom: Moments | None, parts: Any) -> list[Moments] | None:
 
 
 @leaf_function
+def _mom_channel_slice(mom: Moments | None, start: Any, stop: Any, step: Any
+                       ) -> Moments | None:
+    """The moments of ``x[:, start:stop:step]`` (a channel slice), or None."""
+    if mom is None:
+        return None
+    sl = slice(start, stop, step)
+    return mom[0][sl], mom[1][sl]
+
+
+@leaf_function
 def _mom_item(moms: list[Moments] | None, index: int) -> Moments | None:
     """One part of a split's moments, or None."""
     return None if moms is None else moms[index]
+
+
+@leaf_function
+def _mom_product(a: Moments | None, b: Moments | None, divide: bool) -> Moments | None:
+    """Moments of ``x·g`` for two normalised branches (a squeeze-excitation gate), treating
+    them as independent: ``E[xg] = E[x]E[g]``, ``E[(xg)²] = E[x²]E[g²]``; None when their
+    channels differ or for a division."""
+    if a is None or b is None or divide or a[0].numel() != b[0].numel():
+        return None
+    ex, eg = a[0], b[0]
+    ex2, eg2 = a[1] + ex * ex, b[1] + eg * eg
+    mean = ex * eg
+    return mean, (ex2 * eg2 - mean * mean).clamp_min(0.0)
 
 
 class ElementwiseFn(nn.Module):
@@ -402,6 +425,10 @@ def _scale(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any], *,
         return _Known(p.emit(node, _mom_affine, sa.node, factor, 0.0), sa.sources)
     if not divide and isinstance(sb, _Known) and _number(x):
         return _Known(p.emit(node, _mom_affine, sb.node, float(x), 0.0), sb.sources)
+    if isinstance(sa, _Known) and isinstance(sb, _Known) and not divide:
+        # a gate computed from the normalised activations (squeeze-excitation): independence
+        return _Known(p.emit(node, _mom_product, sa.node, sb.node, False),
+                      sa.sources | sb.sources)
     # a per-channel constant (a layer scale): a parameter or buffer, reshaped at most
     for known, value, const, may_divide in ((sa, x, other, True), (sb, other, x, False)):
         if (isinstance(known, _Known) and _is_constant(p, const)
@@ -628,6 +655,18 @@ def _getitem(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _Stat
     if (isinstance(src, fx.Node) and a.get("index") == 0
             and op_kind(src, p.gm) in _VALUES_FIRST and returns_tuple(src, p.gm)):
         return p.st(src)
+    index = a.get("index")
+    if isinstance(index, tuple) and len(index) >= 2 and index[0] == slice(None) \
+            and isinstance(index[1], slice) and all(
+                i == slice(None) or i is Ellipsis for i in index[2:]):
+        s = p.st(src)
+        if not isinstance(s, _Known):
+            return s
+        ch = index[1]
+        if any(isinstance(v, fx.Node) for v in (ch.start, ch.stop, ch.step)):
+            return _Cut(node.name, op, "channel slice bounds computed in the graph")
+        return _Known(p.emit(node, _mom_channel_slice, s.node, ch.start, ch.stop, ch.step),
+                      s.sources)
     if isinstance(src, fx.Node) and op_kind(src, p.gm) == "split" and isinstance(
             a.get("index"), int):
         s = p.st(src)

@@ -161,9 +161,11 @@ def _swap_functional(gm: fx.GraphModule, node: fx.Node, factory: Factory,
     stats = [args[k] for k in ("running_mean", "running_var", "weight", "bias")]
     label = node.name
     if args["running_mean"] is None or args["running_var"] is None:
-        report.skip(label, "F.batch_norm", "no running statistics (track_running_stats=False): "
-                    "it normalises with batch statistics even in eval mode, so there is "
-                    "nothing to carry over; left as is")
+        # not a trained BatchNorm: a normalisation by the statistics of whatever it is given
+        # (weight standardisation in NF-nets and StdConv2d: F.batch_norm over a weight tensor)
+        report.note("functional batch_norm without running statistics (batch statistics "
+                    "only, e.g. weight standardisation): nothing trained to convert; left as is",
+                    node=label)
         return
     attr_nodes = [s for s in stats if s is not None]
     if not all(isinstance(s, fx.Node) and s.op == "get_attr" for s in attr_nodes):

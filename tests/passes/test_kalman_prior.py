@@ -562,3 +562,30 @@ def test_any_elementwise_activation_passes_moments(act: nn.Module) -> None:
     y = act(x)
     assert torch.allclose(em, y.mean(0), atol=0.01) and torch.allclose(ev, y.var(0), rtol=0.03)
     gm.train()(torch.randn(4, 3, 6, 6)).sum().backward()
+
+
+class _SE(nn.Module):
+    """A squeeze-excitation gate, a layer scale and a channel slice between Kalman layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+        self.c1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.bn0(self.c0(x)))
+        g = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(h, 1)))))
+        h = h * g * self.gamma.view(-1, 1, 1)
+        return self.bn1(self.c1(h[:, 2:6]))
+
+
+def test_gates_layer_scales_and_channel_slices_pass_moments() -> None:
+    torch.manual_seed(5)
+    gm = trace(_kalmanise(_SE()))
+    gm, report = propagate_kalman_priors(gm)
+    assert not report.skips and {c.node for c in report.changes} == {"bn1"}
+    seen = _record_priors(gm)
+    gm.train()(torch.randn(4, 3, 6, 6)).sum().backward()
+    assert seen["bn1"] is not None and seen["bn1"][0].shape == (4,)
