@@ -216,7 +216,11 @@ def _restore_flags(result: nn.Module, flags: Mapping[str, bool], default: bool) 
 
 
 def _has_functional_bn(cap: Capture) -> bool:
+    """A functional batch norm with running statistics (one a method converts)."""
+    from .passes._match import batch_norm_args
+
     return any(n.op == "call_function" and n.target in FUNCTIONAL_BATCH_NORM
+               and batch_norm_args(n)["running_mean"] is not None
                for r in cap.regions for n in r.gm.graph.nodes)
 
 

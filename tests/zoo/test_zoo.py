@@ -175,3 +175,26 @@ def test_every_zoo_has_smoke_cases() -> None:
         cases = [c for c in all_cases([zoo])]
         assert cases and any(c.smoke for c in cases), zoo
         assert len({c.id for c in cases}) == len(cases), zoo
+
+
+@pytest.mark.parametrize("family", ["nfnet", "vision_transformer_hybrid"])
+def test_weight_standardisation_is_not_a_batchnorm(family: str) -> None:
+    """NF-nets and BiT-style StdConv call F.batch_norm on conv weights, without running
+    statistics: nothing trained to convert; the swap leaves them as they are, says so, and
+    is verified."""
+    pytest.importorskip("timm")
+    import normswap
+
+    from .cases_timm import FUNCTIONAL, _builder
+
+    name, size = FUNCTIONAL[family]
+    model, inputs = _builder(name, size)()
+    model.eval()
+    out = normswap.swap(model, "l1", example_inputs=inputs)
+    report = out.normswap_report
+    assert not report.changes and not report.skips
+    # the call is named when the graph shows it (a no-trace leaf such as timm's StdConv2dSame
+    # hides it: then there is simply no BatchNorm to find)
+    assert any("without running statistics" in n.message or "no BatchNorm found" in n.message
+               for n in report.notes)
+    assert report.metrics["verify.passed"] is True
