@@ -1,7 +1,7 @@
 """ONNX Runtime latency and file size: fp32 vs range-guarded fp16, for a BN-folded model.
 
 Default model: torchvision ResNet-50 (weights=None) with randomised BatchNorm statistics,
-folded with ``normswap.fold_model``. ``--model-fn module:function`` benchmarks any other model
+folded with ``normswap.fold``. ``--model-fn module:function`` benchmarks any other model
 factory (e.g. an L1-swapped ResNet-50); it is folded as well unless ``--no-fold``.
 
 Usage::
@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from normswap.export import export_onnx  # noqa: E402
-from normswap.passes.fold_conv_bn import fold_model  # noqa: E402
+import normswap  # noqa: E402
 
 from models import randomise_bn  # noqa: E402  (benchmarks/ is on sys.path)
 
@@ -94,10 +94,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     model = (load_factory(args.model_fn)() if args.model_fn else default_model()).eval()
     name = args.model_fn or "torchvision.resnet50(randomised BN)"
-    if not args.no_fold:
-        model, fold_report = fold_model(model)
-        log.info("folded: %d changes, %d skips", len(fold_report.changes), len(fold_report.skips))
     x = torch.randn(args.batch, 3, args.size, args.size)
+    if not args.no_fold:
+        model = normswap.fold(model, example_inputs=(x,))
+        fold_report = model.normswap_report
+        log.info("folded: %d changes, %d skips", len(fold_report.changes), len(fold_report.skips))
     providers = [pv for pv in ("CPUExecutionProvider", "CUDAExecutionProvider")
                  if pv in ort.get_available_providers()]
     record: dict[str, Any] = {

@@ -18,7 +18,7 @@ slice with ``‖v_i‖ = 0`` makes ``w_i`` NaN; such layers are never folded int
 raises :class:`~normswap.errors.UnsupportedNodeError` naming all of them (default) or, with
 ``on_zero_norm="skip"``, leaves them parametrized with a reason in the report.
 
-Run this pass on the module *before* fx tracing (:func:`~normswap.passes.fold_conv_bn.fold_model`
+Run this pass on the module *before* capture (:func:`normswap.fold`
 does): hooks and parametrizations are module state that fx keeps inside opaque leaf modules, and
 a folded weight is what :func:`~normswap.passes.fold_conv_bn.fold_conv_bn` needs to scale.
 It also works on a ``GraphModule`` (it walks ``gm.modules()``). The pass mutates its argument.
