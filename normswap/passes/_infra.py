@@ -22,11 +22,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from torch import fx
 
-from ..errors import MethodOptionError, PassError
+from ..errors import MethodOptionError, PassError, UnsupportedNodeError
 from ..report import PassReport
 from ._match import eliminate_dead_code
 
-__all__ = ["GraphPass", "PassStep", "pass_options", "check_options", "run_passes", "cleanup"]
+__all__ = ["GraphPass", "PassStep", "pass_options", "check_options", "run_passes", "cleanup",
+           "raise_refusals"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,21 @@ def check_options(owner: str, options: Mapping[str, Any], accepted: Iterable[str
         raise MethodOptionError(
             f"{owner}: unknown option(s) {', '.join(repr(u) for u in unknown)}; accepted "
             f"options: {listed}")
+
+
+def raise_refusals(what: str, refused: Iterable[tuple[str, str, str]], remedy: str) -> None:
+    """Raise one :class:`~normswap.errors.UnsupportedNodeError` listing every refusal.
+
+    Args:
+        what: what could not be done (``"to_normprop cannot convert"``).
+        refused: ``(node, op, reason)`` triples; nothing is raised when empty.
+        remedy: what the user can do.
+    """
+    items = list(refused)
+    if not items:
+        return
+    lines = "\n".join(f"  '{node}' ({op}): {reason}" for node, op, reason in items)
+    raise UnsupportedNodeError(f"{what} {len(items)} BatchNorm node(s):\n{lines}\n{remedy}")
 
 
 def cleanup(gm: fx.GraphModule) -> fx.GraphModule:

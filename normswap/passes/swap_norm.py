@@ -35,6 +35,7 @@ from .._modules import carry_module_state, set_submodule
 from ..errors import UnsupportedNodeError
 from ..report import PassReport
 from ._graft import carry_extras, graft
+from ._infra import raise_refusals
 from ._match import (
     FUNCTIONAL_BATCH_NORM,
     batch_norm_args,
@@ -225,9 +226,8 @@ def _swap_functional(gm: fx.GraphModule, node: fx.Node, factory: Factory,
 
 
 def refuse_if_strict(report: PassReport, strict: bool) -> None:
-    """Raise UnsupportedNodeError listing every skip when ``strict``."""
-    if strict and report.skips:
-        lines = "; ".join(f"'{s.node}' ({s.op}): {s.reason}" for s in report.skips)
-        raise UnsupportedNodeError(
-            f"{len(report.skips)} normalisation node(s) could not be swapped: {lines}. "
-            "Pass strict=False to keep them as they are (each is listed in the report).")
+    """Raise UnsupportedNodeError listing every skip of ``report`` when ``strict``."""
+    if strict:
+        raise_refusals("could not swap", ((s.node, s.op, s.reason) for s in report.skips),
+                       "Pass strict=False to keep them as they are (each is listed in the "
+                       "report).")

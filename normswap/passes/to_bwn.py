@@ -61,6 +61,7 @@ from ..norms.bwn import (
 from ..report import PassReport
 from ..verify import eval_mode
 from ._graft import graft, norm_reads_input
+from ._infra import raise_refusals
 from ._match import (
     CONV_TRANSPOSE_TYPES,
     CONV_TYPES,
@@ -414,13 +415,11 @@ def to_bwn(gm: fx.GraphModule, *, strict: bool = True, rho: RhoChoice = "rms",
             refused.append((str(node.target), f"{type(bn).__name__}, node '{node.name}'", reason))
         else:
             pairs.append(pair)
-    if refused and strict:
-        lines = [f"  {label} ({what}): {why}" for label, what, why in refused]
-        raise UnsupportedNodeError(
-            f"to_bwn cannot convert {len(refused)} BatchNorm node(s):\n" + "\n".join(lines)
-            + "\nBounded weight norm needs a Conv/ConvTranspose/Linear used only by its "
-            "BatchNorm. Remedy: pass strict=False to keep these as BatchNorm, or use a "
-            "module-level method (e.g. 'l1').")
+    if strict:
+        raise_refusals("to_bwn cannot convert", refused,
+                       "Bounded weight norm needs a Conv/ConvTranspose/Linear used only by its "
+                       "BatchNorm. Remedy: pass strict=False to keep these as BatchNorm, or use "
+                       "a module-level method (e.g. 'l1').")
     for label, what, why in refused:
         report.skip(label, what.split(",")[0], why)
     if not pairs and not refused:

@@ -53,7 +53,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..errors import UnsupportedNodeError
 from ..norms.normprop import (
     KAPPA,
     NORMPROP_LAYERS,
@@ -62,6 +61,7 @@ from ..norms.normprop import (
     NormPropBase,
 )
 from ..report import PassReport
+from ._infra import raise_refusals
 from ._match import (
     describe_op,
     eliminate_dead_code,
@@ -364,13 +364,11 @@ def to_normprop(gm: fx.GraphModule, *, strict: bool = True, kappa: float = KAPPA
 
     if not chains and not refused:
         report.note("no BatchNorm found: nothing to convert")
-    if refused and strict:
-        lines = [f"  {label(n)} ({op}): {why}" for n, op, why in refused]
-        raise UnsupportedNodeError(
-            f"to_normprop cannot convert {len(refused)} BatchNorm node(s):\n" + "\n".join(lines)
-            + "\nNormProp is defined for plain conv/linear → BN → ReLU chains. Remedy: pass "
-            "strict=False to keep these as BatchNorm, or use a module-level method "
-            "(e.g. 'l1') for residual networks.")
+    if strict:
+        raise_refusals("to_normprop cannot convert", ((label(n), op, why) for n, op, why in refused),
+                       "NormProp is defined for plain conv/linear → BN → ReLU chains. Remedy: "
+                       "pass strict=False to keep these as BatchNorm, or use a module-level "
+                       "method (e.g. 'l1') for residual networks.")
     for n, op, why in refused:
         report.skip(label(n), op, why)
 

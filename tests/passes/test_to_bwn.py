@@ -349,22 +349,22 @@ class _SharedBN(nn.Module):
 
 REFUSALS = {
     "no_layer_before": (lambda: _seq(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)), (2, 3, 6, 6),
-                        r"m0 \(BatchNorm2d, node 'm0'\): no preceding Conv"),
-    "conv_called_twice": (_TwoCalls, (2, 3, 6, 6), r"bn .*'conv' \(Conv2d\) is called 2 times"),
-    "conv_output_used_twice": (_Branch, (2, 3, 6, 6), r"bn .*output of 'conv' has 2 users"),
-    "tied_weights": (_Tied, (2, 4, 5, 5), r"bn .*'b'.weight is shared .*tied weights"),
-    "linear_not_nc": (_Tokens, (2, 4, 4), r"norm .*Linear output has shape \(2, 4, 4\)"),
+                        r"'m0' \(BatchNorm2d, node 'm0'\): no preceding Conv"),
+    "conv_called_twice": (_TwoCalls, (2, 3, 6, 6), r"'bn' .*'conv' \(Conv2d\) is called 2 times"),
+    "conv_output_used_twice": (_Branch, (2, 3, 6, 6), r"'bn' .*output of 'conv' has 2 users"),
+    "tied_weights": (_Tied, (2, 4, 5, 5), r"'bn' .*'b'.weight is shared .*tied weights"),
+    "linear_not_nc": (_Tokens, (2, 4, 4), r"'norm' .*Linear output has shape \(2, 4, 4\)"),
     "bn_subclass_transforms_input": (lambda: _seq(nn.Conv2d(3, 4, 3), _PreScaledBN(4)),
                                      (2, 3, 6, 6),
-                                     r"m1 \(_PreScaledBN, node 'm1'\): _PreScaledBN transforms its "
+                                     r"'m1' \(_PreScaledBN, node 'm1'\): _PreScaledBN transforms its "
                                      r"input before normalising it"),
     "no_running_stats": (lambda: _seq(nn.Conv2d(3, 4, 3),
                                       nn.BatchNorm2d(4, track_running_stats=False)),
-                         (2, 3, 6, 6), r"m1 .*track_running_stats=False"),
-    "bn_called_twice": (_SharedBN, (2, 3, 6, 6), r"bn .*BN module 'bn' is called 2 times"),
+                         (2, 3, 6, 6), r"'m1' .*track_running_stats=False"),
+    "bn_called_twice": (_SharedBN, (2, 3, 6, 6), r"'bn' .*BN module 'bn' is called 2 times"),
     "weight_already_normalised": (
         lambda: _seq(torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3)),
-                     nn.BatchNorm2d(4)), (2, 3, 6, 6), r"m1 .*'m0': its weight is already "
+                     nn.BatchNorm2d(4)), (2, 3, 6, 6), r"'m1' .*'m0': its weight is already "
                                                        r"parametrized \(_WeightNorm\)"),
 }
 
@@ -400,13 +400,13 @@ def test_every_refusal_is_listed_in_one_error() -> None:
     with pytest.raises(UnsupportedNodeError) as info:
         normswap.swap(_prepare(Both()), "bwn", example_inputs=torch.randn(2, 3, 6, 6))
     msg = str(info.value)
-    assert "2 BatchNorm node(s)" in msg and "pre (BatchNorm2d" in msg and "branch.bn (" in msg
+    assert "2 BatchNorm node(s)" in msg and "'pre' (BatchNorm2d" in msg and "'branch.bn' (" in msg
     assert "ok.m1" not in msg and "strict=False" in msg
 
 
 def test_linear_without_shapes_is_refused_when_called_directly() -> None:
     model = _prepare(_seq(nn.Linear(5, 4), nn.BatchNorm1d(4)))
-    with pytest.raises(UnsupportedNodeError, match="m1 .*Linear output rank unknown"):
+    with pytest.raises(UnsupportedNodeError, match="'m1' .*Linear output rank unknown"):
         to_bwn(trace(model))
     gm, report = to_bwn(trace(model), example_inputs=torch.randn(3, 5))
     assert report.metrics["bwn.converted"] == 1

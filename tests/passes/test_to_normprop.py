@@ -93,7 +93,7 @@ def test_resnet18_strict_raises_naming_every_residual_add() -> None:
     for add in ["add"] + [f"add_{i}" for i in range(1, 8)]:
         assert f"residual sum '{add}'" in msg, add
     for bn in ("bn1", "layer1.0.bn2", "layer2.0.downsample.1", "layer4.1.bn2"):
-        assert f"  {bn} (BatchNorm2d)" in msg, bn
+        assert f"  '{bn}' (BatchNorm2d)" in msg, bn
     assert msg.count("BatchNorm2d)") == 12  # collected, raised once
     assert "strict=False" in msg
 
@@ -204,10 +204,10 @@ def test_every_refusal_is_collected_and_raised_once() -> None:
         _convert(model)
     msg = str(info.value)
     assert "4 BatchNorm node(s)" in msg
-    assert "bn_in (BatchNorm2d): BN not preceded by Conv" in msg
-    assert "b1 (BatchNorm2d): BN output feeds 'act' (ReLU6)" in msg
-    assert "b2 (BatchNorm2d): conv output 'c2' has 2 users" in msg
-    assert "b3 (BatchNorm2d): post-ReLU output is a graph output" in msg
+    assert "'bn_in' (BatchNorm2d): BN not preceded by Conv" in msg
+    assert "'b1' (BatchNorm2d): BN output feeds 'act' (ReLU6)" in msg
+    assert "'b2' (BatchNorm2d): conv output 'c2' has 2 users" in msg
+    assert "'b3' (BatchNorm2d): post-ReLU output is a graph output" in msg
     gm, report = _convert(model, strict=False)
     assert {s.node for s in report.skips} == {"bn_in", "b1", "b2", "b3"}
     assert _count(gm, NormPropBase) == 0
@@ -368,9 +368,9 @@ def test_export_captured_residual_sums_are_refused_by_name() -> None:
     with pytest.raises(UnsupportedNodeError) as info:
         to_normprop(_export(model, x), strict=True)
     msg = str(info.value)
-    assert "b1 (BatchNorm2d): post-ReLU output reaches residual sum 'add' (aten.add.Tensor)" \
+    assert "'b1' (BatchNorm2d): post-ReLU output reaches residual sum 'add' (aten.add.Tensor)" \
         in msg
-    assert "b2 (BatchNorm2d): BN output feeds residual sum 'add' (aten.add.Tensor)" in msg
+    assert "'b2' (BatchNorm2d): BN output feeds residual sum 'add' (aten.add.Tensor)" in msg
     gm, report = to_normprop(_export(model, x), strict=False)
     assert {s.node for s in report.skips} == {"b1", "b2"}
     _assert_eval_exact(model, gm, x, tol=1e-6)
