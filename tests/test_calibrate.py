@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import normswap.progress
 from normswap.calibrate import recalibrate, running_stat_modules
 from normswap.errors import NormswapError
 from normswap.progress import set_progress
@@ -157,6 +158,7 @@ def test_progress_goes_through_normswap_progress(monkeypatch: pytest.MonkeyPatch
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     model = _model()
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails: status lines
+    monkeypatch.setattr(normswap.progress, "ANNOUNCE_AFTER_S", 0.0)  # announce at once
     set_progress(True)
     try:
         recalibrate(model, _batches(12), progress=True)

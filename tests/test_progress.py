@@ -35,10 +35,9 @@ def test_a_long_step_is_announced_and_a_short_one_is_not(capsys: pytest.CaptureF
 def test_a_failing_step_says_so(capsys: pytest.CaptureFixture[str],
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(progress, "ANNOUNCE_AFTER_S", 0.01)
-    with pytest.raises(RuntimeError):
-        with progress.stage("doomed"):
-            time.sleep(0.05)
-            raise RuntimeError("x")
+    with pytest.raises(RuntimeError), progress.stage("doomed"):
+        time.sleep(0.05)
+        raise RuntimeError("x")
     assert "doomed failed (" in capsys.readouterr().err
 
 

@@ -12,7 +12,12 @@ from torch import fx, nn
 import normswap
 from normswap.errors import MethodOptionError, UnknownMethodError
 from normswap.passes._infra import pass_options
-from normswap.registry import CONTEXT_OPTIONS, available_methods, get_method, normalise_name
+from normswap.registry import (
+    CONTEXT_OPTIONS,
+    available_methods,
+    get_method,
+    normalise_name,
+)
 
 from .conftest import randomize_bn
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -250,6 +251,7 @@ def test_numpy_outputs_are_compared() -> None:
 
 
 def test_transformers_model_output() -> None:
+    pytest.importorskip("transformers")
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     def ref(x: Tensor) -> Any:

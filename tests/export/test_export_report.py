@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import normswap
+from normswap._fs import OutputPathError
 from normswap.errors import ExportError
 from normswap.export import export_onnx
-from normswap._fs import OutputPathError
 from tests.conftest import randomize_bn
 
 
@@ -34,7 +34,7 @@ class _HotNet(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def report_and_dir(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def report_and_dir(tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(0)
     model = _HotNet().eval()
     randomize_bn(model)
@@ -44,7 +44,7 @@ def report_and_dir(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     return export_onnx(folded, x, d / "hot.onnx"), d
 
 
-def test_report_carries_ops_sizes_fold_and_plan(report_and_dir) -> None:  # noqa: ANN001
+def test_report_carries_ops_sizes_fold_and_plan(report_and_dir) -> None:
     report, _ = report_and_dir
     assert report.ops_before["Conv"] == 2 and "Cast" not in report.ops_before
     assert report.ops_after["Conv"] == 2 and report.ops_after.get("Cast", 0) >= 2
@@ -58,7 +58,7 @@ def test_report_carries_ops_sizes_fold_and_plan(report_and_dir) -> None:  # noqa
     assert {r["evaluator"] for r in rows} >= {"ORT CPUExecutionProvider", "fp16 emulated"}
 
 
-def test_report_writes_json_md_html(report_and_dir) -> None:  # noqa: ANN001
+def test_report_writes_json_md_html(report_and_dir) -> None:
     report, d = report_and_dir
     data = json.loads(report.write(d / "r.json").read_text())
     assert data["ops_before"]["Conv"] == 2 and data["fold_entries"]
@@ -77,7 +77,7 @@ def test_report_writes_json_md_html(report_and_dir) -> None:  # noqa: ANN001
         report.write(d / "r.txt")
 
 
-def test_plot_ranges_writes_a_png(report_and_dir) -> None:  # noqa: ANN001
+def test_plot_ranges_writes_a_png(report_and_dir) -> None:
     pytest.importorskip("matplotlib")
     report, d = report_and_dir
     path = report.plot_ranges(d / "ranges.png")

@@ -16,7 +16,7 @@ from normswap.errors import ExportError
 from normswap.export import export_onnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_auto import _model_and_input  # noqa: E402
+from test_auto import _model_and_input
 
 
 def _mlp() -> nn.Module:

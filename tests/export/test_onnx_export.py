@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -15,9 +15,9 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from normswap._fs import atomic_write_bytes
 from normswap.errors import ExportError, NormswapError, NumericalMismatchError
 from normswap.export import FP16_TOLERANCES, Tolerances, ValidationError, export_onnx
-from normswap._fs import atomic_write_bytes
 from tests.conftest import fold_model
 
 

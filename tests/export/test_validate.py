@@ -39,7 +39,7 @@ def _near_1000(n: int = 4, seed: int = 0) -> Tensor:
     return 1000 + torch.rand(n, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def _metric(result, provider: str):  # noqa: ANN001, ANN202
+def _metric(result, provider: str):
     return next(m for m in result.metrics if m.provider == provider)
 
 
@@ -201,7 +201,7 @@ class _ManyOutputs(nn.Module):
         self.kind = kind
         self.lin = nn.Linear(6, 4)
 
-    def forward(self, x: Tensor):  # noqa: ANN201
+    def forward(self, x: Tensor):
         y = self.lin(x)
         if self.kind == "dict":
             return {"a": y, "b": [y.relu(), y * 2]}

@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from normswap.norms._kernels import channel_affine, channel_mean, channel_sums, deviation_sign
+from normswap.norms._kernels import (
+    channel_affine,
+    channel_mean,
+    channel_sums,
+    deviation_sign,
+)
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = [torch.contiguous_format, torch.channels_last]

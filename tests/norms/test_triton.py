@@ -11,18 +11,17 @@ machines without CUDA. Speed is measured by benchmarks/gpu_check.sh, not here.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
-import os
-
 pytest.importorskip("triton")
 
-from normswap.norms import _triton  # noqa: E402
+from normswap.norms import _triton
 
-from ..conftest import rel_err  # noqa: E402
+from ..conftest import rel_err
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"

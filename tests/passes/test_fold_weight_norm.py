@@ -9,15 +9,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from normswap.errors import UnsupportedNodeError
 from normswap._modules import safe_deepcopy
-from tests.conftest import fold_model
+from normswap.errors import UnsupportedNodeError
 from normswap.passes.fold_weight_norm import (
     BoundedWeightNorm,
     apply_bounded_weight_norm,
     fold_weight_norm,
     weight_norm_value,
 )
+from tests.conftest import fold_model
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from normswap.norms.kalman import KalmanBatchNorm, kalman_from_batchnorm
 import normswap
 from normswap.capture import capture, trace
+from normswap.norms.kalman import KalmanBatchNorm, kalman_from_batchnorm
 from normswap.passes._infra import PassStep, run_passes
 from normswap.passes._math import (
     add_moments,

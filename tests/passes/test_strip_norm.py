@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import normswap
 from normswap.capture import capture
 from normswap.errors import NormswapError
 from normswap.norms.affine import ChannelAffine
-import normswap
 from normswap.passes._infra import PassStep, run_passes
 from normswap.passes.fold_conv_bn import fold_conv_bn
 from normswap.passes.strip_norm import alpha_dropout, selu_activations, selu_init

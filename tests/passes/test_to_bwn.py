@@ -15,9 +15,14 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import normswap
-from normswap.errors import UnsupportedNodeError
-from normswap.norms.bwn import BoundedWeightNorm, MeanOnlyBatchNorm, channel_norms, weight_layout
 from normswap.capture import trace
+from normswap.errors import UnsupportedNodeError
+from normswap.norms.bwn import (
+    BoundedWeightNorm,
+    MeanOnlyBatchNorm,
+    channel_norms,
+    weight_layout,
+)
 from normswap.passes._match import batchnorm_like_modules
 from normswap.passes.to_bwn import bwn_mapping, to_bwn
 

@@ -15,10 +15,10 @@ from normswap.errors import UnsupportedNodeError
 from normswap.norms.normprop import (
     POST_RELU_SCALE,
     POST_RELU_SHIFT,
+    NormPropBase,
     NormPropConv2d,
     NormPropCorrection,
     NormPropLinear,
-    NormPropBase,
 )
 from normswap.passes._match import module_of
 from normswap.passes._math import absorb_post_relu, normprop_params

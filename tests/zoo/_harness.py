@@ -23,9 +23,10 @@ import os
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,9 +37,22 @@ from normswap.passes._match import batchnorm_like_modules, is_normswap_layer
 
 from ..conftest import randomize_bn
 
-__all__ = ["RTOL", "METHODS", "CHECKS", "ZooCase", "CheckResult", "CaseResult", "prepare",
-           "flatten_tensors", "max_rel_err", "batchnorm_calls", "leftover_norms", "run_case",
-           "capture_strategy", "zoo_threads"]
+__all__ = [
+    "CHECKS",
+    "METHODS",
+    "RTOL",
+    "CaseResult",
+    "CheckResult",
+    "ZooCase",
+    "batchnorm_calls",
+    "capture_strategy",
+    "flatten_tensors",
+    "leftover_norms",
+    "max_rel_err",
+    "prepare",
+    "run_case",
+    "zoo_threads",
+]
 
 RTOL = 1e-5
 METHODS = ("l1", "linf", "kalman", "bwn")

@@ -8,7 +8,7 @@ import logging
 
 from ._harness import ZooCase
 
-__all__ = ["ZOOS", "load_cases", "all_cases"]
+__all__ = ["ZOOS", "all_cases", "load_cases"]
 
 log = logging.getLogger(__name__)
 

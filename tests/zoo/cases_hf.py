@@ -154,7 +154,11 @@ def _dpt() -> tuple[nn.Module, tuple[Any, ...]]:
 
 
 def _upernet() -> tuple[nn.Module, tuple[Any, ...]]:
-    from transformers import ConvNextConfig, UperNetConfig, UperNetForSemanticSegmentation
+    from transformers import (
+        ConvNextConfig,
+        UperNetConfig,
+        UperNetForSemanticSegmentation,
+    )
 
     backbone = ConvNextConfig(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1],
                               out_features=["stage1", "stage2", "stage3", "stage4"])

@@ -22,7 +22,7 @@ from torch import nn
 
 from ._harness import ZooCase
 
-__all__ = ["CASES", "FAMILIES", "FUNCTIONAL", "NO_BATCHNORM", "EXPORT_EXCLUDED"]
+__all__ = ["CASES", "EXPORT_EXCLUDED", "FAMILIES", "FUNCTIONAL", "NO_BATCHNORM"]
 
 # family -> (model, input size); measured with timm 1.0.31
 FAMILIES: dict[str, tuple[str, int]] = {

@@ -18,7 +18,7 @@ from torch import nn
 
 from ._harness import ZooCase
 
-__all__ = ["CASES", "NO_BATCHNORM", "EXPORT_EXCLUDED"]
+__all__ = ["CASES", "EXPORT_EXCLUDED", "NO_BATCHNORM"]
 
 NO_BATCHNORM: dict[str, str] = {
     **{n: "LayerNorm transformer" for n in (

@@ -275,7 +275,8 @@ def render_models() -> str:
     try:
         from .cases_timm import NO_BATCHNORM as TIMM_NO_BN
         from .cases_torchvision import EXCLUDED as TV_EXCLUDED
-        from .cases_torchvision import EXPORT_EXCLUDED, NO_BATCHNORM as TV_NO_BN
+        from .cases_torchvision import EXPORT_EXCLUDED
+        from .cases_torchvision import NO_BATCHNORM as TV_NO_BN
     except ImportError:  # a zoo package missing: the lists need it
         TIMM_NO_BN, TV_NO_BN, TV_EXCLUDED, EXPORT_EXCLUDED = {}, {}, {}, {}
     lines.append(f"timm families without BatchNorm ({len(TIMM_NO_BN)}; their norm in brackets): "

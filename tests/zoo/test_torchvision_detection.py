@@ -1,5 +1,5 @@
-"""torchvision detection models: tracing fails in their heads today, so the swap falls back to
-module replacement, names the untraceable modules in the report, and the backbone still computes
+"""torchvision detection models: whole-model capture fails in their heads, so the swap captures
+regions (the backbone) instead, names the modules that break capture in the report, and the backbone still computes
 the same function (randomised statistics, 1e-5 relative).
 
 (The classification, segmentation and video sweeps that lived in tests/test_torchvision_zoo.py
@@ -45,9 +45,13 @@ def test_detection_falls_back_and_names_the_module(name: str) -> None:
     for method in ["l1", "kalman"]:
         out = normswap.swap(model, method)
         rep = out.normswap_report
-        # tracing fails in the detection heads; the report names the modules responsible
-        assert rep.warnings and "could not trace" in rep.warnings[0].message
-        assert rep.metrics["untraceable"], rep.table()
+        # whole-model capture fails in the detection heads: the report names the modules
+        # responsible and the regions captured instead
+        assert rep.warnings and "could not capture the whole model" in rep.warnings[0].message
+        cap = rep.metrics["capture"]
+        assert cap["strategy"] == "regions", rep.table()
+        assert any("rpn" in c or "roi_heads" in c for c in cap["culprits"]), cap
+        assert any(r.startswith("backbone") for r in cap["regions"]), cap
         assert not batchnorm_like_modules(out)
         assert len(swapped(rep)) == n_bn
         with torch.no_grad():

@@ -27,7 +27,9 @@ import torch
 
 from ._harness import CHECKS, CaseResult, ZooCase, run_case, zoo_threads
 from .cases import ZOOS, all_cases
-from .cases_timm import NO_BATCHNORM as TIMM_NO_BATCHNORM  # imports timm only when building
+from .cases_timm import (
+    NO_BATCHNORM as TIMM_NO_BATCHNORM,  # imports timm only when building
+)
 
 KNOWN_FILE = Path(__file__).with_name("known_failures.json")
 KNOWN: dict[str, dict[str, str]] = (json.loads(KNOWN_FILE.read_text())["failures"]
