@@ -3,7 +3,8 @@
 * :func:`set_submodule` installs a module at a dotted path.
 * :func:`safe_deepcopy` copies a model once, also when it holds non-leaf tensor attributes
   (a legacy ``weight_norm`` layer that has run keeps ``weight`` as one, which ``deepcopy``
-  refuses).
+  refuses); with ``share_parameters=True`` the copy keeps the original's parameters (export
+  only runs its copy: no second copy of the weights).
 * :func:`as_inputs` turns what a user passes as example inputs into a positional tuple.
 * :class:`ModuleStateGuard` snapshots every module's plain attributes and restores them, so
   tracing never leaves state behind (a Proxy cached by a detection head, FakeTensors cached in an
@@ -46,7 +47,7 @@ def set_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def safe_deepcopy(model: nn.Module) -> nn.Module:
+def safe_deepcopy(model: nn.Module, *, share_parameters: bool = False) -> nn.Module:
     """``copy.deepcopy`` that also copies modules holding non-leaf tensor attributes.
 
     Non-leaf tensors (results of a hook, e.g. legacy ``weight_norm``'s ``weight``) are
@@ -54,15 +55,22 @@ def safe_deepcopy(model: nn.Module) -> nn.Module:
 
     Args:
         model: the module to copy.
+        share_parameters: the copy holds the very ``nn.Parameter`` objects of ``model``
+            (no second copy of the weights; buffers, attributes and the module tree are still
+            copied), for callers that only run the copy and never write its parameters.
 
     Returns:
-        An independent copy.
+        An independent copy (sharing the parameters when asked).
     """
     memo: dict[int, Any] = {}
     for mod in model.modules():
         for value in vars(mod).values():
             if isinstance(value, Tensor) and value.grad_fn is not None:
                 memo[id(value)] = value.detach().clone()
+        if share_parameters:
+            for param in mod._parameters.values():
+                if param is not None:
+                    memo[id(param)] = param
     return copy.deepcopy(model, memo)
 
 
@@ -101,21 +109,27 @@ class ModuleStateGuard:
     Attributes set during the block are restored to their previous values, attributes added are
     removed, the ``_parameters``/``_buffers``/``_modules`` slots are put back as they were, and
     hooks registered during the block are removed (a library that installs its hooks on the first
-    forward and marks that in an attribute would otherwise install them twice). Tensor contents
-    are not copied: an in-place change to a buffer's data is not undone.
+    forward and marks that in an attribute would otherwise install them twice). Plain dict, list
+    and set attributes get their contents back, in the same object (a cache such as timm's
+    ``attention_bias_cache`` filled during a trace would otherwise keep a Proxy that a later
+    run picks up). Tensor contents are not copied: an in-place change to a buffer's data is not
+    undone.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._saved: list[tuple[nn.Module, dict[str, Any], dict[str, dict[Any, Any]], bool]] = []
+        self._contents: list[tuple[Any, Any]] = []
 
     def __enter__(self) -> "ModuleStateGuard":
-        self._saved = []
+        self._saved, self._contents = [], []
         for mod in self.model.modules():
             plain = {k: v for k, v in vars(mod).items() if k not in _SKIP_ATTRS}
             slots = {k: dict(getattr(mod, k)) for k in _SLOTS + _HOOK_SLOTS
                      if isinstance(getattr(mod, k, None), dict)}
             self._saved.append((mod, plain, slots, mod.training))
+            self._contents += [(v, copy.copy(v)) for v in plain.values()
+                               if type(v) in (dict, list, set)]
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -129,7 +143,13 @@ class ModuleStateGuard:
                 slot.clear()
                 slot.update(content)
             mod.training = training
-        self._saved = []
+        for container, content in self._contents:
+            if isinstance(container, list):
+                container[:] = content
+            else:
+                container.clear()
+                container.update(content)
+        self._saved, self._contents = [], []
 
 
 def first_float_tensor(module: nn.Module) -> Tensor | None:

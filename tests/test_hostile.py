@@ -189,3 +189,39 @@ def test_the_users_model_is_never_modified() -> None:
     assert [id(m) for m in model.modules()] == ids
     assert [m.training for m in model.modules()] == flags
     assert isinstance(model[1], nn.BatchNorm2d) and copy.deepcopy(model) is not None
+
+
+class _CachingBlock(nn.Module):
+    """Checks its input size (plain fx cannot trace it) and caches a tensor in a dict on the
+    first forward, as timm's attention layers cache their biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != 8:
+            raise ValueError("8x8 inputs only")
+        key = str(x.device)  # under a trace: the name of a Proxy
+        if key not in self.cache:
+            self.cache[key] = self.conv.bias.view(1, -1, 1, 1) * 2
+        return self.bn(self.conv(x)) + self.cache[key]
+
+
+@pytest.mark.parametrize("method", ["l1", "kalman"])
+def test_a_trace_leaves_no_proxy_in_a_cache(method: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(_CachingBlock()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    out = normswap.swap(model, method, example_inputs=x)
+    assert out.normswap_report.metrics["capture"]["strategy"] == "fx-shape"
+    assert list(model.cache) == []  # the caller's model never ran
+    for m in out.modules():
+        for v in vars(m).values():
+            if isinstance(v, dict):
+                assert not any(isinstance(t, torch.fx.Proxy) for t in v.values()), v
+    with torch.no_grad():
+        assert rel_err(out(x), model(x)) < 1e-5
+        assert rel_err(out(x), model(x)) < 1e-5  # and again, from the filled cache

@@ -170,6 +170,23 @@ def _unpatched_modules() -> Iterator[None]:
         nn.Module.__getattr__ = getattr_  # type: ignore[method-assign]
 
 
+#: top-level packages whose functions never call an ``nn.Module``
+_NO_MODULE_PACKAGES = frozenset({"torch", "_operator", "operator", "builtins", "math"})
+
+
+def _may_call_modules(kind: str, target: Any, args: Any) -> bool:
+    """Whether computing a node's value may run an ``nn.Module`` (then fx's patches must be
+    lifted). Lifting them reassigns ``nn.Module.__call__``, which invalidates the type cache of
+    every Module subclass loaded (thousands with timm or transformers imported: ~0.5 ms a
+    time), so tensor methods and torch/operator functions run without it."""
+    if kind == "call_method":
+        return not (args and isinstance(args[0], torch.Tensor))
+    if kind == "call_function":
+        package = (getattr(target, "__module__", None) or "builtins").split(".")[0]
+        return package not in _NO_MODULE_PACKAGES or isinstance(target, nn.Module)
+    return True
+
+
 def _depends_on_data(value: Any) -> bool:
     """A value that reflects tensor data (a tensor, or a container holding one)."""
     if isinstance(value, torch.Tensor):
@@ -249,7 +266,9 @@ class ValueTracer(NormTracer):
                 value = getattr(value, part)
             return value
         a, kw = self._value_of(args), self._value_of(kwargs)
-        with torch.no_grad(), _unpatched_modules():
+        unpatch = _unpatched_modules() if _may_call_modules(kind, target, a) else \
+            contextlib.nullcontext()
+        with torch.no_grad(), unpatch:
             if kind == "call_module":
                 return self.root.get_submodule(str(target))(*a, **kw)
             if kind == "call_method":

@@ -17,17 +17,44 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import onnx
-from onnx import ModelProto
+from onnx import ModelProto, TensorProto, helper
 
 from .._fs import TEMP_MARK, check_output_paths
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "data_file_name", "staging_dir", "save_external",
-           "move_into_place"]
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "data_file_name", "estimated_size", "staging_dir",
+           "save_external", "move_into_place"]
 
 #: Default size above which a model is written with external data: protobuf's 2 GiB limit
 #: minus a 64 MiB margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2 ** 31 - 64 * 2 ** 20
+
+
+def _tensor_size(t: TensorProto) -> int:
+    """Serialised size of one tensor: its values' bytes from dims and type when they are raw or
+    external (read from neither), else its own ``ByteSize``; plus its name and dims."""
+    raw = t.data_location == TensorProto.EXTERNAL or t.HasField("raw_data")
+    if not raw or t.data_type == TensorProto.STRING:
+        return t.ByteSize()
+    count = int(np.prod(t.dims, dtype=np.int64))
+    return count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize + len(t.name) + \
+        10 * len(t.dims) + 16
+
+
+def estimated_size(model: ModelProto) -> int:
+    """The serialised size of ``model`` within a few bytes per tensor, without serialising it.
+
+    ``ModelProto.ByteSize()`` encodes the whole model (upb protobuf): a transient buffer of up
+    to twice the weights' size, just to decide between the in-memory and external-data paths.
+    Here initialisers count from their shapes and types; nodes, inputs, outputs, value_info and
+    functions from their own (small) ``ByteSize``.
+    """
+    g = model.graph
+    small = (*g.node, *g.input, *g.output, *g.value_info, *model.functions,
+             *model.opset_import)
+    return sum(_tensor_size(t) for t in g.initializer) + sum(m.ByteSize() for m in small) + \
+        sum(t.ByteSize() for t in g.sparse_initializer)
 
 
 def data_file_name(target: Path) -> str:

@@ -48,6 +48,7 @@ from ..report import PassReport
 from ._external import (
     EXTERNAL_DATA_THRESHOLD,
     data_file_name,
+    estimated_size,
     move_into_place,
     save_external,
     staging_dir,
@@ -285,22 +286,30 @@ class _Staging:
         self.final_path = None if directory is None else directory / target.name
         self.data_name = data_file_name(target)
         self._staged: ModelProto | None = None
+        self._released: ModelProto | None = None
 
     @property
     def external(self) -> bool:
         return self.dir is not None
 
-    def keep_fp32(self, proto: ModelProto, final: bool) -> None:
-        """Externalise the fp32 export (final: under the final names)."""
+    def keep_fp32(self, proto: ModelProto, final: bool) -> ModelProto:
+        """Externalise the fp32 export (final: under the final names).
+
+        Returns:
+            The model to go on with: ``proto`` in memory; else its graph reloaded without the
+            weights (a saved proto keeps its weights' bytes in its protobuf arena for as long
+            as any part of it is referenced: the caller drops it).
+        """
         if self.dir is None:
-            return
+            return proto
         if final:
             save_external(proto, self.final_path, self.data_name)  # type: ignore[arg-type]
             self.fp32_path = self.final_path
-            self._staged = proto
-        else:
-            self.fp32_path = self.dir / "fp32.onnx"
-            save_external(proto, self.fp32_path, "fp32.onnx.data")
+            self._staged = self._released = _graph_only(self.fp32_path)  # type: ignore[arg-type]
+            return self._staged
+        self.fp32_path = self.dir / "fp32.onnx"
+        save_external(proto, self.fp32_path, "fp32.onnx.data")
+        return _graph_only(self.fp32_path)
 
     def fp32_for_conversion(self, proto: ModelProto) -> tuple[ModelProto, bool]:
         """The fp32 model with its weights loaded, and whether it may be converted in place."""
@@ -320,11 +329,24 @@ class _Staging:
             self._staged = model
         return str(self.final_path)
 
+    def release(self, model: ModelProto) -> ModelProto:
+        """The model to keep after :meth:`stage`: once saved to files, its graph reloaded
+        without the weights, so that the caller can drop the saved proto's arena."""
+        if self.final_path is None or model is not self._staged or model is self._released:
+            return model
+        self._staged = self._released = _graph_only(self.final_path)
+        return self._staged
+
     def size(self, source: bytes | str) -> int:
         if isinstance(source, bytes):
             return len(source)
         return sum(p.stat().st_size for p in (Path(source), Path(source).parent / self.data_name)
                    if p.exists())
+
+
+def _graph_only(path: Path) -> ModelProto:
+    """A model saved with external data, loaded without its weights."""
+    return onnx.load(str(path), load_external_data=False)
 
 
 @contextlib.contextmanager
@@ -351,7 +373,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
 
     Args:
         model: the model (fold it first with :func:`normswap.fold`); it is run in eval mode
-            on a copy, never modified. A ``normswap_report`` it carries is attached.
+            on a copy that shares its parameters (no second copy of the weights), never
+            modified. A ``normswap_report`` it carries is attached.
         example_inputs: a tensor or a tuple of positional inputs.
         path: the destination ``.onnx`` file.
         fp16: convert to fp16 with range guards; ``"auto"``: and when the fp16 verdict fails,
@@ -391,7 +414,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
     if fp16 not in (True, False, "auto"):
         raise ExportError(f"export_onnx: fp16={fp16!r}; use True, False or 'auto'")
     target = check_output_path(path, force=force)
-    work = safe_deepcopy(model).eval()
+    # a copy to run in eval mode; it shares the parameters (export never writes them): no
+    # second copy of the weights
+    work = safe_deepcopy(model, share_parameters=True).eval()
     inputs = as_inputs(example_inputs)
     if inputs is None:
         raise ExportError(f"export_onnx('{target}'): example_inputs is None; pass the inputs "
@@ -423,7 +448,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
     name_nodes(proto)
     report.opset = _opset(proto)
     report.ops_before = dict(Counter(n.op_type for n in proto.graph.node))
-    report.size_before_bytes = proto.ByteSize()
+    report.size_before_bytes = estimated_size(proto)  # not ByteSize: that encodes it
     report.overflow_limit = overflow_limit if fp16 else None
     bn_nodes = [n.name for n in proto.graph.node if n.op_type == "BatchNormalization"]
     if bn_nodes:
@@ -457,7 +482,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
 
     with _maybe_staging(target, external) as directory:
         staging = _Staging(target, directory)
-        staging.keep_fp32(proto, final=not fp16)
+        proto = staging.keep_fp32(proto, final=not fp16)
         final = proto
         plan: Fp16Plan | None = None
         ranges: dict[str, TensorRange] = {}
@@ -478,6 +503,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
             # with "auto" the conversion works on a copy: the search converts the fp32 model again
             final, plan = convert([])
         source = staging.stage(final)
+        final = staging.release(final)
         with step("check"):
             try:
                 onnx.checker.check_model(source if isinstance(source, str) else final)
@@ -500,6 +526,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
                         fp32_source=staging.fp32_source(proto),
                         emulator_source=lambda m: staging.stage(m) if staging.external else m)
                 source = staging.stage(final)
+                final = staging.release(final)
                 report.auto = search.to_dict()
                 report.note(f"fp16 auto: {len(search.nodes)} nodes kept in fp32 "
                             f"({', '.join(search.nodes) or '-'}), {search.iterations} "

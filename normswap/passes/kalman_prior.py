@@ -57,6 +57,7 @@ from torch import Tensor, fx, nn
 
 from ..norms.kalman import KalmanBatchNorm, Moments, set_kalman_gain
 from ..report import PassReport
+from ._infra import cleanup
 from ._match import (
     describe_op,
     eliminate_dead_code,
@@ -910,9 +911,7 @@ def propagate_kalman_priors(gm: fx.GraphModule, *, priors: bool = True,
         report.note("no KalmanBatchNorm call_module nodes in the graph; nothing wired")
     eliminate_dead_code(gm)
     prop.finish()
-    eliminate_dead_code(gm)
-    gm.graph.lint()
-    gm.recompile()
+    cleanup(gm)
     wired = len(report.changes)
     report.metrics["kalman_layers"] = prop.calls
     report.metrics["kalman_layers_with_prior"] = wired
@@ -945,7 +944,5 @@ def remove_kalman_priors(gm: fx.GraphModule) -> tuple[fx.GraphModule, PassReport
                     user.replace_all_uses_with(node)
                     gm.graph.erase_node(user)
         report.change(str(node.target), "Kalman layer with prior", "Kalman layer")
-    eliminate_dead_code(gm)
-    gm.graph.lint()
-    gm.recompile()
+    cleanup(gm)
     return gm, report

@@ -61,13 +61,12 @@ from ..norms.bwn import (
 from ..report import PassReport
 from ..verify import eval_mode
 from ._graft import graft, norm_reads_input
-from ._infra import raise_refusals
+from ._infra import cleanup, raise_refusals
 from ._match import (
     CONV_TRANSPOSE_TYPES,
     CONV_TYPES,
     FOLD_TARGETS,
     FUNCTIONAL_BATCH_NORM,
-    eliminate_dead_code,
     is_batchnorm,
     module_calls,
     needs_graft,
@@ -442,7 +441,5 @@ def to_bwn(gm: fx.GraphModule, *, strict: bool = True, rho: RhoChoice = "rms",
                     "mean only (no batch variance)")
     if refused:
         report.warn(f"{len(refused)} BatchNorm node(s) kept as BatchNorm (strict=False)")
-    eliminate_dead_code(gm)
-    gm.graph.lint()
-    gm.recompile()
+    cleanup(gm)
     return gm, report

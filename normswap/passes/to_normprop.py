@@ -61,10 +61,9 @@ from ..norms.normprop import (
     NormPropBase,
 )
 from ..report import PassReport
-from ._infra import raise_refusals
+from ._infra import cleanup, raise_refusals
 from ._match import (
     describe_op,
-    eliminate_dead_code,
     is_residual_sum,
     module_calls,
     module_of,
@@ -420,9 +419,7 @@ def to_normprop(gm: fx.GraphModule, *, strict: bool = True, kappa: float = KAPPA
                     "train mode uses NormProp (no batch statistics)")
     if refused:
         report.warn(f"{len(refused)} BatchNorm node(s) kept as BatchNorm (strict=False)")
-    eliminate_dead_code(gm)
-    gm.graph.lint()
-    gm.recompile()
+    cleanup(gm)
     return gm, report
 
 
