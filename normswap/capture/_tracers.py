@@ -230,7 +230,7 @@ class ValueTracer(NormTracer):
         def unwrap(a: Any) -> Any:
             if isinstance(a, fx.Proxy):
                 v = getattr(a, "_value", _NO_VALUE)
-                if v is _NO_VALUE:
+                if v is _NO_VALUE or isinstance(v, fx.Proxy):  # a Proxy a module cached
                     raise LookupError(a.node.name)
                 return v
             return a
