@@ -333,6 +333,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--zoo", action="append", help="zoo(s) to run (default: all)")
     p.add_argument("--only", action="append", help="run only cases whose id contains this")
+    p.add_argument("--ids", type=Path,
+                   help="a JSON list of exact case ids to run (e.g. to split the survey over "
+                        "processes, then combine with --merge)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--merge", action="store_true",
@@ -364,6 +367,9 @@ def main(argv: list[str] | None = None) -> None:
             if args.merge and args.skip_done and args.out.exists() else set())
     ids = [c.id for c in all_cases(args.zoo)
            if (not args.only or any(s in c.id for s in args.only)) and c.id not in done]
+    if args.ids:
+        wanted = set(json.loads(args.ids.read_text()))
+        ids = [i for i in ids if i in wanted]
     t0 = time.perf_counter()
     log = Path(tempfile.gettempdir()) / "zoo_survey.log"  # the workers' stderr
     log.unlink(missing_ok=True)
