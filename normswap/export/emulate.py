@@ -15,7 +15,10 @@ replaced by faster kernels that follow what GPU fp16 kernels do:
 * MaxPool, AveragePool, GlobalAveragePool: torch in fp32, result rounded to fp16 (max pooling is
   exact in any precision);
 * Softmax, LogSoftmax, LayerNormalization: computed in fp32 and rounded to fp16 (cuDNN/ORT CUDA
-  kernels and LayerNormalization's ``stash_type=1`` use fp32 internally).
+  kernels and LayerNormalization's ``stash_type=1`` use fp32 internally);
+* RoiAlign, NonMaxSuppression (with torchvision installed) and ScatterElements: vectorised
+  versions of the reference kernels, which loop in Python (minutes per detection model);
+  RoiAlign in fp32, rounded to fp16.
 
 A node the fp16 plan kept in fp32 gets fp32 inputs and computes in fp32, as in the real graph.
 An attribute combination a fast kernel does not cover falls back to the reference
@@ -270,8 +273,106 @@ class LayerNormalization(_op_list.LayerNormalization):
         return (_back(y, X), mean.numpy(), inv.numpy())
 
 
+def _torchvision_ops() -> Any:
+    try:
+        import torchvision.ops
+    except Exception:  # noqa: BLE001 - not installed or broken: the reference kernel runs
+        return None
+    return torchvision.ops
+
+
+class RoiAlign(_op_list.RoiAlign):
+    """RoiAlign (average mode) by ``torchvision.ops.roi_align`` in fp32, rounded to the input
+    dtype (the reference kernel is a Python loop: minutes per detection model)."""
+
+    op_domain = ""
+
+    def _run(self, X, rois, batch_indices, coordinate_transformation_mode=None,  # noqa: ANN001
+             mode=None, output_height=None, output_width=None, sampling_ratio=None,  # noqa: ANN001
+             spatial_scale=None):  # noqa: ANN001,ANN202
+        ops = _torchvision_ops()
+        transform = _s(coordinate_transformation_mode or self.coordinate_transformation_mode)
+        kind = _s(mode or self.mode).lower()
+        if ops is None or kind != "avg" or X.ndim != 4:
+            return _fp32_fallback(_op_list.RoiAlign, self, X, rois, batch_indices,
+                                  coordinate_transformation_mode=coordinate_transformation_mode,
+                                  mode=mode, output_height=output_height,
+                                  output_width=output_width, sampling_ratio=sampling_ratio,
+                                  spatial_scale=spatial_scale)
+        size = (int(output_height or self.output_height), int(output_width or self.output_width))
+        boxes = torch.cat([torch.from_numpy(np.asarray(batch_indices)).float().reshape(-1, 1),
+                           _t(rois)], 1)
+        y = ops.roi_align(_t(X), boxes, size,
+                          spatial_scale=float(spatial_scale or self.spatial_scale),
+                          sampling_ratio=int(sampling_ratio or self.sampling_ratio),
+                          aligned=transform.lower() == "half_pixel")
+        return (_back(y, X),)
+
+
+class NonMaxSuppression(_op_list.NonMaxSuppression):
+    """NonMaxSuppression by ``torchvision.ops.nms`` per batch and class (fp32 IoU); the same
+    selection and order as the reference kernel, which loops in Python."""
+
+    op_domain = ""
+
+    def _run(self, boxes, scores, max_output_boxes_per_class=None,  # noqa: ANN001
+             iou_threshold=None, score_threshold=None, center_point_box=None):  # noqa: ANN001,ANN202
+        ops = _torchvision_ops()
+        if ops is None or max_output_boxes_per_class is None or \
+                np.asarray(max_output_boxes_per_class).size == 0:
+            return super()._run(boxes, scores, max_output_boxes_per_class, iou_threshold,
+                                score_threshold, center_point_box=center_point_box)
+        limit = max(int(np.asarray(max_output_boxes_per_class).reshape(-1)[0]), 0)
+        iou = (float(np.asarray(iou_threshold).reshape(-1)[0])
+               if iou_threshold is not None and np.asarray(iou_threshold).size else 0.0)
+        floor = (float(np.asarray(score_threshold).reshape(-1)[0])
+                 if score_threshold is not None and np.asarray(score_threshold).size else None)
+        b = _t(boxes)
+        if int(center_point_box if center_point_box is not None
+               else self.center_point_box or 0) == 1:  # (xc, yc, w, h) -> corners
+            b = torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)
+        else:  # corners in either order, (y1, x1, y2, x2): IoU is symmetric in x and y
+            b = torch.cat([torch.minimum(b[..., :2], b[..., 2:]),
+                           torch.maximum(b[..., :2], b[..., 2:])], -1)
+        sc = _t(scores)
+        rows: list[torch.Tensor] = []
+        for n in range(sc.shape[0]):
+            for c in range(sc.shape[1]):
+                cand = torch.arange(sc.shape[2])
+                if floor is not None:
+                    cand = cand[sc[n, c] > floor]
+                keep = cand[ops.nms(b[n, cand], sc[n, c, cand], iou)][:limit]
+                rows.append(torch.stack([torch.full_like(keep, n), torch.full_like(keep, c),
+                                         keep], 1))
+        out = torch.cat(rows) if rows else torch.empty((0, 3), dtype=torch.int64)
+        return (out.numpy().astype(np.int64),)
+
+
+class ScatterElements(_op_list.ScatterElements):
+    """ScatterElements with numpy fancy indexing (the reference loops over every index)."""
+
+    op_domain = ""
+
+    def _run(self, data, indices, updates, axis=None, reduction=None):  # noqa: ANN001,ANN202
+        ax = int(axis or 0) % data.ndim
+        how = _s(reduction).lower() if reduction is not None else "none"
+        at = {"add": np.add, "mul": np.multiply, "min": np.minimum, "max": np.maximum}
+        if how not in ("none", "notset", *at):
+            return super()._run(data, indices, updates, axis=axis, reduction=reduction)
+        idx = list(np.indices(indices.shape, sparse=True))
+        idx[ax] = np.where(indices < 0, indices + data.shape[ax], indices)
+        where = tuple(np.broadcast_to(i, indices.shape) for i in idx)
+        out = np.array(data, copy=True)
+        if how in at:
+            at[how].at(out, where, updates)
+        else:
+            out[where] = updates
+        return (out,)
+
+
 _OVERRIDES: tuple[type, ...] = (Conv, ConvTranspose, Gemm, MatMul, MaxPool, AveragePool,
-                                GlobalAveragePool, Softmax, LogSoftmax, LayerNormalization)
+                                GlobalAveragePool, Softmax, LogSoftmax, LayerNormalization,
+                                RoiAlign, NonMaxSuppression, ScatterElements)
 
 #: Op types replaced by the faster fp32-accumulating kernels above.
 EMULATED_OPS: tuple[str, ...] = tuple(c.__name__ for c in _OVERRIDES)

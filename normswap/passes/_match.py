@@ -300,6 +300,17 @@ _KINDS: dict[str, dict[str, list[Any]]] = {
               "aten": ["sym_size", "sym_numel", "sym_stride", "sym_storage_offset",
                        "_assert_tensor_metadata"]},
     "getitem": {"functions": [operator.getitem]},
+    "pad": {"modules": [nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+                        *_fns(nn, "ZeroPad1d", "ZeroPad2d", "ZeroPad3d")],
+            "functions": [F.pad, *_fns(torch, "constant_pad_nd")],
+            "aten": ["constant_pad_nd", "pad"]},
+    "upsample": {"modules": [nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d],
+                 "functions": [F.interpolate, *_fns(F, "upsample", "upsample_nearest",
+                                                    "upsample_bilinear")],
+                 "aten": ["upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+                          "_upsample_nearest_exact1d", "_upsample_nearest_exact2d",
+                          "_upsample_nearest_exact3d", "upsample_linear1d",
+                          "upsample_bilinear2d", "upsample_bicubic2d", "upsample_trilinear3d"]},
     "split": {"functions": [torch.split, torch.chunk, torch.tensor_split],
               "methods": ["split", "chunk", "tensor_split"],
               "aten": ["split", "split_with_sizes", "chunk", "tensor_split"]},
@@ -341,7 +352,13 @@ _KINDS: dict[str, dict[str, list[Any]]] = {
 replaces them); ``gate``: gates and output squashers; ``layout``: ops that move or add
 dimensions; ``shape``: ops that read no values (``x.size()``, ``x.shape``)."""
 
-OP_KINDS: tuple[str, ...] = tuple(_KINDS)
+#: kinds of optional packages' ops, by qualified name (the package is never imported here)
+_KINDS_BY_NAME: dict[str, str] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": "stochastic_depth",
+    "torchvision.ops.stochastic_depth.StochasticDepth": "stochastic_depth",
+}
+
+OP_KINDS: tuple[str, ...] = (*_KINDS, *sorted(set(_KINDS_BY_NAME.values())))
 _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
 
 
@@ -368,10 +385,14 @@ def _module_kind(m: nn.Module) -> str | None:
     """A module's kind: its class or the nearest base class in the table whose ``forward`` it
     does not override (a subclass with its own forward is not that op)."""
     for cls in type(m).__mro__:
-        kind = _BY_MODULE.get(cls)
+        kind = _BY_MODULE.get(cls) or _KINDS_BY_NAME.get(_qualname(cls))
         if kind is not None:
             return kind if getattr(type(m), "forward") is getattr(cls, "forward") else None
     return None
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', None)}.{getattr(obj, '__qualname__', None)}"
 
 
 def op_kind(node: fx.Node, gm: fx.GraphModule | None = None) -> str | None:
@@ -398,7 +419,7 @@ def op_kind(node: fx.Node, gm: fx.GraphModule | None = None) -> str | None:
         return kind
     if node.op == "call_function":
         try:
-            kind = _BY_FUNCTION.get(node.target)
+            kind = _BY_FUNCTION.get(node.target) or _KINDS_BY_NAME.get(_qualname(node.target))
         except TypeError:  # unhashable target
             return None
         if kind == "shape" and node.target is getattr:
@@ -440,6 +461,8 @@ _MODULE_ATTRS: dict[str, tuple[str, ...]] = {
                  "divisor_override"),
     "adaptive_avg_pool": ("output_size",),
     "dropout": ("p", "inplace"), "alpha_dropout": ("p", "inplace"),
+    "stochastic_depth": ("p", "mode"), "pad": ("padding", "value"),
+    "upsample": ("size", "scale_factor", "mode", "align_corners"),
     "flatten": ("start_dim", "end_dim"),
     "conv": ("weight", "bias", "stride", "padding", "dilation", "groups", "padding_mode"),
     "conv_transpose": ("weight", "bias", "stride", "padding", "output_padding", "groups",

@@ -180,6 +180,56 @@ def _mom_channel_scale(mom: Moments | None, x: Tensor, factor: Tensor, divide: b
 
 
 @leaf_function
+def _mom_channel_shift(mom: Moments | None, x: Tensor, shift: Tensor, alpha: float
+                       ) -> Moments | None:
+    """Moments of ``x + alpha·b`` for a constant ``b`` that varies along dim 1 only (a learnt
+    bias or shift), or None when it varies along other dims too."""
+    if mom is None:
+        return None
+    b = shift.detach()
+    if b.dim() > x.dim():
+        return None
+    b = b.reshape((1,) * (x.dim() - b.dim()) + tuple(b.shape))
+    if any(n != 1 for i, n in enumerate(b.shape) if i != 1):
+        return None
+    b = b.reshape(-1).to(mom[0].dtype).expand(mom[0].numel())
+    return mom[0] + alpha * b, mom[1]
+
+
+@leaf_function
+def _mom_pad(mom: Moments | None, x: Tensor, y: Tensor, value: float) -> Moments | None:
+    """Moments after constant padding of the non-channel dims: a mixture of the input's
+    values and ``value`` (None for cropping or a padded batch/channel dim)."""
+    if mom is None or tuple(y.shape[:2]) != tuple(x.shape[:2]):
+        return None
+    n_in, n_out = x[0, 0].numel(), y[0, 0].numel()
+    if n_out < n_in or n_out == 0:
+        return None
+    keep = n_in / n_out
+    mean = keep * mom[0] + (1.0 - keep) * value
+    second = keep * (mom[1] + mom[0] * mom[0]) + (1.0 - keep) * value * value
+    return mean, (second - mean * mean).clamp_min(0.0)
+
+
+@leaf_function
+def _mom_upsample(mom: Moments | None, x: Tensor, y: Tensor, nearest: bool
+                  ) -> Moments | None:
+    """Moments after interpolation: unchanged for a map of one value per channel (any mode)
+    and for nearest-neighbour upsampling by whole factors (each value repeated equally often);
+    None otherwise."""
+    if mom is None or tuple(y.shape[:2]) != tuple(x.shape[:2]):
+        return None
+    inside, outside = tuple(x.shape[2:]), tuple(y.shape[2:])
+    if all(n == 1 for n in inside):
+        return mom
+    if nearest and all(i > 0 and o % i == 0 for i, o in zip(inside, outside)):
+        return mom
+    _warn_once("upsample", "Kalman prior: interpolation that is not nearest-neighbour by "
+               "whole factors; no prior there")
+    return None
+
+
+@leaf_function
 def _mom_split(mom: Moments | None, parts: Any) -> list[Moments] | None:
     """Channel moments cut like a split/chunk along dim 1 (``parts``: the sizes), or None."""
     if mom is None:
@@ -403,6 +453,12 @@ def _sum(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any], *, sign: flo
     a_mom, b_mom = isinstance(sa, _Known), isinstance(sb, _Known)
     if not (a_mom or b_mom):
         return None
+    if a_mom != b_mom:  # a per-channel constant (a learnt shift): the mean moves
+        known, value, const, factor = ((sa, first, second, sign * float(alpha)) if a_mom
+                                       else (sb, second, first, 1.0))
+        if _is_constant(p, const) and (a_mom or sign * float(alpha) == 1.0):
+            return _Known(p.emit(node, _mom_channel_shift, known.node, value, const, factor),
+                          known.sources)
     for arg, has in ((first, a_mom), (second, b_mom)):
         if not has and not _number(arg):
             other = arg.name if isinstance(arg, fx.Node) else type(arg).__name__
@@ -559,6 +615,37 @@ def _dropout(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _Stat
     return _Known(p.emit(node, _mom_dropout, s.node, float(rate)), s.sources)
 
 
+def _pad(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """Constant padding of the spatial dims (``F.pad``, ``nn.ZeroPad2d`` ...), checked at run
+    time; other modes (reflect, replicate ...) cut."""
+    x = a.get("input")
+    s = p.st(x)
+    if not isinstance(s, _Known):
+        return s
+    mode = a.get("mode", "constant")
+    value = a.get("value")
+    value = 0.0 if value is None else value
+    if mode != "constant" or not _number(value):
+        return _Cut(node.name, op, f"padding mode {mode!r} (only constant padding has a moment "
+                    "rule)")
+    return _Known(p.emit(node, _mom_pad, s.node, x, node, float(value)), s.sources)
+
+
+def _upsample(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
+    """Interpolation: moments kept for nearest upsampling by whole factors and for 1×1 maps
+    (checked at run time)."""
+    x = a.get("input")
+    s = p.st(x)
+    if not isinstance(s, _Known):
+        return s
+    target = str(node.target)
+    mode = a.get("mode") or ("nearest" if "nearest" in target else "linear")
+    if isinstance(mode, fx.Node):
+        return _Cut(node.name, op, "interpolation mode computed in the graph")
+    nearest = str(mode) in ("nearest", "nearest-exact")
+    return _Known(p.emit(node, _mom_upsample, s.node, x, node, nearest), s.sources)
+
+
 def _identity(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
     """Moments pass through (``nn.Identity``, ``contiguous``, ``clone``, casts)."""
     x = a.get("input")
@@ -699,6 +786,9 @@ _RULES: dict[str, _Rule] = {
     "adaptive_avg_pool": _adaptive_avg_pool,
     "mean": _mean,
     "dropout": _dropout,
+    "stochastic_depth": _dropout,  # per-sample inverted dropout: the same moments
+    "pad": _pad,
+    "upsample": _upsample,
     "identity": _identity,
     "flatten": _flatten,
     "reshape": _reshape,

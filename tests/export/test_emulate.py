@@ -99,3 +99,91 @@ def test_run_many_respects_the_budget() -> None:
     assert (capped.evaluated, capped.requested, capped.stopped_by) == (3, 5, "max_inputs")
     timed = emulator.run_many(feeds, time_budget_s=0.0)
     assert timed.evaluated == 1 and timed.stopped_by == "time_budget"
+
+
+# -- the detection ops: vectorised kernels against the reference loops ----------------------
+def _graph(op: str, inputs: list[tuple[str, int, list[int]]], out_type: int,
+           attrs: dict[str, Any]) -> Any:
+    node = helper.make_node(op, [n for n, _, _ in inputs], ["y"], name="n", **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, t, s)
+                                            for n, t, s in inputs],
+                              [helper.make_tensor_value_info("y", out_type, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("transform,ratio", [("half_pixel", 0), ("output_half_pixel", 2)])
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16])
+def test_roi_align_matches_the_reference(transform: str, ratio: int, dtype: int) -> None:
+    pytest.importorskip("torchvision")
+    np_dtype = np.float16 if dtype == TensorProto.FLOAT16 else np.float32
+    x = RNG.standard_normal((2, 3, 12, 10)).astype(np_dtype)
+    corners = RNG.uniform(0, 18, (5, 2, 2)).astype(np.float32)
+    rois = np.concatenate([corners.min(1), corners.max(1)], 1).astype(np_dtype)
+    batch = np.array([0, 1, 1, 0, 1], dtype=np.int64)
+    model = _graph("RoiAlign", [("x", dtype, list(x.shape)), ("rois", dtype, [5, 4]),
+                                ("b", TensorProto.INT64, [5])], dtype,
+                   {"output_height": 3, "output_width": 4, "sampling_ratio": ratio,
+                    "spatial_scale": 0.5, "coordinate_transformation_mode": transform})
+    feed = {"x": x, "rois": rois, "b": batch}
+    got = Fp16Emulator(model).run(feed)[0]
+    wide = {"x": x.astype(np.float32), "rois": rois.astype(np.float32), "b": batch}
+    ref = ReferenceEvaluator(_graph("RoiAlign", [("x", 1, list(x.shape)), ("rois", 1, [5, 4]),
+                                                 ("b", 7, [5])], 1, {
+        "output_height": 3, "output_width": 4, "sampling_ratio": ratio, "spatial_scale": 0.5,
+        "coordinate_transformation_mode": transform})).run(None, wide)[0]
+    assert got.dtype == np_dtype and got.shape == ref.shape == (5, 3, 3, 4)
+    tol = 2e-3 if np_dtype == np.float16 else 1e-5
+    np.testing.assert_allclose(got.astype(np.float32), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("center", [0, 1])
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_non_max_suppression_selects_as_the_reference(center: int,
+                                                      threshold: float | None) -> None:
+    pytest.importorskip("torchvision")
+    from normswap.export.emulate import NonMaxSuppression
+
+    xy = RNG.uniform(0, 10, (2, 40, 2))
+    wh = RNG.uniform(1, 4, (2, 40, 2))
+    boxes = (np.concatenate([xy, wh], -1) if center else
+             np.concatenate([xy, xy + wh], -1)[..., [1, 0, 3, 2]]).astype(np.float32)
+    if not center:
+        boxes[0, ::3] = boxes[0, ::3][..., [2, 3, 0, 1]]  # corners given in the other order
+    scores = RNG.uniform(0, 1, (2, 3, 40)).astype(np.float32)
+    feed = {"a": boxes, "b": scores, "c": np.array([7], dtype=np.int64),
+            "d": np.array([0.4], dtype=np.float32)}
+    types = [("a", 1, list(boxes.shape)), ("b", 1, list(scores.shape)), ("c", 7, [1]),
+             ("d", 1, [1])]
+    if threshold is not None:
+        feed["e"] = np.array([threshold], dtype=np.float32)
+        types.append(("e", 1, [1]))
+    model = _graph("NonMaxSuppression", types, TensorProto.INT64,
+                   {"center_point_box": center})
+    got = ReferenceEvaluator(model, new_ops=[NonMaxSuppression]).run(None, feed)[0]
+    ref = ReferenceEvaluator(model).run(None, feed)[0]
+    assert got.dtype == np.int64 and len(got) > 12
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("reduction", [None, "add", "mul", "max", "min"])
+def test_scatter_elements_matches_the_reference(reduction: str | None) -> None:
+    from onnx.reference.ops.op_scatter_elements import scatter_elements
+
+    from normswap.export.emulate import ScatterElements
+
+    data = RNG.standard_normal((4, 5, 3)).astype(np.float32)
+    # distinct targets along the axis for the plain scatter (duplicates are undefined there)
+    indices = np.stack([RNG.permutation(5)[:4] for _ in range(4 * 3)]).reshape(4, 3, 4)
+    indices = indices.transpose(0, 2, 1) - 5 * (RNG.uniform(size=(4, 4, 3)) < 0.3)
+    if reduction is not None:
+        indices = RNG.integers(-5, 5, (4, 4, 3))
+    updates = RNG.standard_normal(indices.shape).astype(np.float32)
+    attrs: dict[str, Any] = {"axis": 1}
+    if reduction is not None:
+        attrs["reduction"] = reduction
+    model = _graph("ScatterElements", [("a", 1, [4, 5, 3]), ("b", 7, [4, 4, 3]),
+                                       ("c", 1, [4, 4, 3])], TensorProto.FLOAT, attrs)
+    feed = {"a": data, "b": indices.astype(np.int64), "c": updates}
+    got = ReferenceEvaluator(model, new_ops=[ScatterElements]).run(None, feed)[0]
+    ref = scatter_elements(data, indices, updates, axis=1, reduction=reduction)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)

@@ -589,3 +589,77 @@ def test_gates_layer_scales_and_channel_slices_pass_moments() -> None:
     seen = _record_priors(gm)
     gm.train()(torch.randn(4, 3, 6, 6)).sum().backward()
     assert seen["bn1"] is not None and seen["bn1"][0].shape == (4,)
+
+
+# -- padding, interpolation, stochastic depth, learnt shifts -------------------------------
+def _exact(empirical: tuple[torch.Tensor, torch.Tensor],
+           rule: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    assert rule is not None
+    assert_close(rule[0], empirical[0], rtol=1e-12, atol=1e-12)
+    assert_close(rule[1], empirical[1], rtol=1e-12, atol=1e-12)
+
+
+def test_pad_upsample_and_shift_moments_are_the_empirical_ones() -> None:
+    """On a batch, the rules map the batch's own per-channel moments to those of the output
+    exactly (float64)."""
+    from normswap.passes import kalman_prior as kp
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64) * 2 + 1
+    mom = _channel_moments(x)
+    y = F.pad(x, (1, 2, 0, 3), value=0.7)
+    _exact(_channel_moments(y), kp._mom_pad(mom, x, y, 0.7))
+    for y in (F.interpolate(x, scale_factor=2, mode="nearest"),
+              F.interpolate(x, scale_factor=(3, 1), mode="nearest-exact")):
+        _exact(_channel_moments(y), kp._mom_upsample(mom, x, y, True))
+    one = x.mean((2, 3), keepdim=True)  # a 1x1 map broadcast by any interpolation
+    y = F.interpolate(one, size=(7, 9), mode="bilinear", align_corners=False)
+    _exact(_channel_moments(y), kp._mom_upsample(_channel_moments(one), one, y, False))
+    assert kp._mom_upsample(mom, x, F.interpolate(x, scale_factor=2, mode="bilinear"),
+                            False) is None
+    assert kp._mom_pad(mom, x, F.pad(x, (-1, 0)), 0.0) is None  # cropping
+    b = torch.randn(4, 1, 1, dtype=torch.float64)
+    _exact(_channel_moments(x - 2 * b), kp._mom_channel_shift(mom, x, b, -2.0))
+    assert kp._mom_channel_shift(mom, x, torch.randn(4, 5, 6), 1.0) is None  # positional
+
+
+class _PadUpShift(nn.Module):
+    """The ops of EfficientNet (stochastic depth), HRNet (nearest upsampling), DeepLab's ASPP
+    pooling (a 1x1 map interpolated), TResNet (padding) and HGNetV2 (a learnt scalar shift)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import torchvision
+
+        self.c0, self.bn0 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.drop = torchvision.ops.StochasticDepth(0.2, "row")
+        self.c1, self.bn1 = nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.c2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.c3, self.bn3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.shift = nn.Parameter(torch.tensor([0.3]))
+        self.c4, self.bn4 = nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn0(self.c0(x)))
+        y = y + self.drop(y)
+        y = F.relu(self.bn1(self.c1(F.pad(y, (1, 1, 1, 1)))))
+        y = F.relu(self.bn2(self.c2(self.up(y))))
+        g = F.relu(self.bn3(self.c3(self.pool(y))))
+        g = F.interpolate(g, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        return self.bn4(self.c4(torch.cat([y + self.shift, g], 1)))
+
+
+@pytest.mark.parametrize("strategy", ["fx", "export"])
+def test_padding_interpolation_stochastic_depth_and_shifts_pass_moments(strategy: str) -> None:
+    pytest.importorskip("torchvision")
+    model = randomize_bn(_PadUpShift(), seed=2).eval()
+    x = torch.randn(4, 3, 8, 8)
+    gm, report = _kalman_region(model, x, strategy)
+    wired = {c.node for c in report.changes if c.after.endswith("(Kalman prior)")}
+    assert wired == {"bn1", "bn2", "bn3", "bn4"}, report.table()
+    assert not report.skips, report.table()
+    seen = _record_priors(gm)
+    gm.train()(x)
+    assert all(seen[n] is not None and seen[n][0].shape == (4,) for n in wired), seen
