@@ -166,17 +166,23 @@ def _mom_channel_scale(mom: Moments | None, x: Tensor, factor: Tensor, divide: b
                        ) -> Moments | None:
     """Moments of ``x·f`` (or ``x/f``) for a constant ``f`` that varies along dim 1 only (a
     layer scale ``gamma.view(-1, 1, 1)``), or None when it varies along other dims too."""
-    if mom is None:
+    f = None if mom is None else _per_channel(factor, x, mom[0])
+    if f is None:
         return None
-    f = factor.detach()
-    if f.dim() > x.dim():
-        return None
-    f = f.reshape((1,) * (x.dim() - f.dim()) + tuple(f.shape))
-    if any(n != 1 for i, n in enumerate(f.shape) if i != 1):
-        return None
-    f = f.reshape(-1).to(mom[0].dtype).expand(mom[0].numel())
     f = 1.0 / f if divide else f
     return mom[0] * f, mom[1] * f * f
+
+
+def _per_channel(const: Tensor, x: Tensor, like: Tensor) -> Tensor | None:
+    """``const`` as one value per channel of ``x`` (shaped and typed like ``like``), or None
+    when it varies along another dim (it broadcasts against ``x``)."""
+    c = const.detach()
+    if c.dim() > x.dim():
+        return None
+    c = c.reshape((1,) * (x.dim() - c.dim()) + tuple(c.shape))
+    if any(n != 1 for i, n in enumerate(c.shape) if i != 1):
+        return None
+    return c.reshape(-1).to(like.dtype).expand(like.numel())
 
 
 @leaf_function
@@ -184,15 +190,9 @@ def _mom_channel_shift(mom: Moments | None, x: Tensor, shift: Tensor, alpha: flo
                        ) -> Moments | None:
     """Moments of ``x + alpha·b`` for a constant ``b`` that varies along dim 1 only (a learnt
     bias or shift), or None when it varies along other dims too."""
-    if mom is None:
+    b = None if mom is None else _per_channel(shift, x, mom[0])
+    if b is None:
         return None
-    b = shift.detach()
-    if b.dim() > x.dim():
-        return None
-    b = b.reshape((1,) * (x.dim() - b.dim()) + tuple(b.shape))
-    if any(n != 1 for i, n in enumerate(b.shape) if i != 1):
-        return None
-    b = b.reshape(-1).to(mom[0].dtype).expand(mom[0].numel())
     return mom[0] + alpha * b, mom[1]
 
 
