@@ -1,6 +1,6 @@
 """Shared helpers for the examples: MNIST loading, the small CNN, training, tables, plots, JSON.
 
-Every example follows the same protocol (REFERENCE §10): SGD with momentum 0.9, batch 128, one
+Every example follows the same protocol (docs/RESULTS.md): SGD with momentum 0.9, batch 128, one
 epoch whose learning rate decays linearly to 0 (accuracy is never read under a constant learning
 rate: with running statistics it jumps by tens of points from step to step), fixed seeds, and
 mean ± std over seeds. A step whose loss or gradients are not finite is *skipped* (as a dynamic

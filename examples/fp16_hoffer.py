@@ -16,7 +16,7 @@ absolute deviation) need no squares and stay finite. Native BN survives too, but
 PyTorch computes its statistics in fp32 even for fp16 input (CPU and cuDNN alike): its success
 is not a property of the L2 norm in fp16.
 
-fp16 emulation (default; REFERENCE §9). Real ``.half()`` training is about 8× slower than fp32
+fp16 emulation (default; docs/RESULTS.md). Real ``.half()`` training is about 8× slower than fp32
 on a CPU without fp16 arithmetic, so by default every tensor *between* layers is fp16, each
 convolution/linear layer computes ``conv(x.float(), w.half().float()).half()`` (fp16 operands,
 fp32 accumulation, fp16 result: what GPU tensor cores do), the norm layers compute on the fp16

@@ -50,7 +50,6 @@ __all__ = [
     "SyncLinfBatchNorm",
     "SyncKalmanBatchNorm",
     "SyncNormMixin",
-    "SYNC_CLASSES",
     "sync_active",
     "sync_l1_batch_norm",
     "sync_linf_batch_norm",
@@ -315,11 +314,3 @@ class SyncKalmanBatchNorm(SyncNormMixin, KalmanBatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, gain,
                          fallback_ratio, device, dtype, bias=bias)
         self._init_sync(process_group)
-
-
-SYNC_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
-    LinfBatchNorm: SyncLinfBatchNorm,
-    L1BatchNorm: SyncL1BatchNorm,
-    KalmanBatchNorm: SyncKalmanBatchNorm,
-}
-"""Non-sync base class -> sync class; ``LinfBatchNorm`` comes before its parent ``L1BatchNorm``."""

@@ -29,7 +29,7 @@ KBN = {1: KalmanBatchNorm1d, 2: KalmanBatchNorm2d, 3: KalmanBatchNorm3d}
 def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                prior: tuple[torch.Tensor, torch.Tensor] | None, p: float,
                ratio: float = 100.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Direct float64 formula of REFERENCE §3; returns (y, mean, var)."""
+    """Direct float64 formula (docs/layers.md, Kalman); returns (y, mean, var)."""
     x = x.double()
     dims = [0, *range(2, x.dim())]
     xbar = x.mean(dims)
