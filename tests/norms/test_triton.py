@@ -51,7 +51,7 @@ def _fast_interpreter() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# float64 reference formulas (REFERENCE: the train formulas of normswap/norms/_functional.py)
+# float64 reference formulas (the train formulas of normswap/norms/_functional.py)
 # ---------------------------------------------------------------------------------------------
 def _per_channel(t: torch.Tensor) -> torch.Tensor:
     """(C, n) view of an (N, C, *) tensor's channels."""
