@@ -5,15 +5,17 @@ which writes docs/zoo.md) and ``benchmarks/bench_zoo.py``. Everything goes throu
 public API (``normswap.swap``, ``normswap.fold``, ``normswap.export_onnx``); the checks of the
 results are our own:
 
-1. ``swap:<method>`` for l1, linf, kalman: no BatchNorm module and no batch-norm call outside a
-   normswap layer is left (modules listed statically, calls caught at run time by a dispatch
-   mode, so a functional ``F.batch_norm`` counts too), and the eval outputs stay within
-   :data:`RTOL` of the original, ``max|Δ| / max|ref|`` over every output tensor.
-2. ``kalman-priors``: the kalman report warns about no missing prior and its metrics show Kalman
-   layers wired with a graph prior.
+1. ``swap:<method>`` for l1, linf, kalman (and bwn on torchvision and timm, ``strict=False``:
+   it converts conv/linear -> BN pairs only): no BatchNorm module and no batch-norm call
+   outside a normswap layer is left (modules listed statically, calls caught at run time by a
+   dispatch mode, so a functional ``F.batch_norm`` counts too), and the eval outputs stay
+   within :data:`RTOL` of the original, ``max|Δ| / max|ref|`` over every output tensor.
+2. ``kalman-priors``: the kalman report warns about no missing prior, its metrics show the
+   prior pass ran, and no Kalman layer's prior chain was cut (every layer gets a graph prior).
 3. ``fold``: ``fold(swap(m, "l1"))`` leaves no BatchNorm and no normswap norm layer except
    ChannelAffine layers the report gives a reason for (counted), within :data:`RTOL`.
-4. ``export``: the fp16 ONNX export of the folded model validates in ONNX Runtime.
+4. ``export``: the fp16 ONNX export of the folded model (``fp16="auto"``) validates: emulated
+   fp16 arithmetic and ONNX Runtime against the PyTorch model.
 """
 
 from __future__ import annotations

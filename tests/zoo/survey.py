@@ -184,7 +184,7 @@ def render(data: dict[str, Any]) -> str:
     lines += [f"Sum of the per-model times (build + every check; what the sweep runs): "
               f"{sum(per_zoo.values()) / 60:.1f} min (" + ", ".join(
                   f"{z} {t / 60:.1f}" for z, t in sorted(per_zoo.items())) + "), one torch "
-              "thread, on this 2-core machine shared with other jobs (load 5-10).", ""]
+              "thread per model, two models at a time on this 2-core machine.", ""]
     # pass counts per zoo and check
     zoos = sorted({k.split(":", 1)[0] for k in results})
     lines += ["### Pass counts", "", "| zoo | models | " + " | ".join(_CHECK_COLS) + " |",
@@ -196,6 +196,21 @@ def render(data: dict[str, Any]) -> str:
             ran = [r["checks"][ch] for r in rs if ch in r.get("checks", {})]
             cells.append(f"{sum(c['ok'] for c in ran)}/{len(ran)}")
         lines.append(f"| {z} | {len(rs)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    # capture strategies: which one captured each model (the l1 swap's report)
+    strategies = sorted({r.get("checks", {}).get("swap:l1", {}).get("info", {}).get(
+        "strategy", "–") for r in results.values()})
+    lines += ["### Capture strategies", "",
+              "Which capture strategy took each model (the l1 swap's "
+              "`metrics['capture']['strategy']`; `regions`: the whole model could not be "
+              "captured, its parts were).", "",
+              "| zoo | " + " | ".join(f"`{st}`" for st in strategies) + " |",
+              "| --- | " + " | ".join("---" for _ in strategies) + " |"]
+    for z in zoos + ["all"]:
+        rs = [r for k, r in results.items() if z == "all" or k.startswith(z + ":")]
+        counts = [sum(r.get("checks", {}).get("swap:l1", {}).get("info", {}).get(
+            "strategy", "–") == st for r in rs) for st in strategies]
+        lines.append(f"| {z} | " + " | ".join(str(c) for c in counts) + " |")
     lines.append("")
     # failure classes, counted in models (a class seen in l1, linf and kalman counts once)
     classes: dict[str, set[str]] = {}
@@ -218,9 +233,8 @@ def render(data: dict[str, Any]) -> str:
     lines.append("")
     # the per-model table
     lines += ["### Per model", "",
-              "Capture: `metrics['capture']['strategy']` of the l1 swap report when the capture "
-              "layer sets it, else `mode=` (today's `metrics['mode']`). Times in seconds: "
-              "build, l1 swap (capture + swap + verify), fold, export.", "",
+              ("Capture: `metrics['capture']['strategy']` of the l1 swap report. Times in "
+               "seconds: build, l1 swap (capture + swap + verify), fold, export."), "",
               "| model | params | BN | capture | " + " | ".join(_CHECK_COLS)
               + " | build/l1/fold/export s | first error |",
               "| --- | --- | --- | --- | " + " | ".join("---" for _ in _CHECK_COLS)
