@@ -18,7 +18,8 @@ replaced by faster kernels that follow what GPU fp16 kernels do:
   kernels and LayerNormalization's ``stash_type=1`` use fp32 internally);
 * RoiAlign, NonMaxSuppression (with torchvision installed) and ScatterElements: vectorised
   versions of the reference kernels, which loop in Python (minutes per detection model);
-  RoiAlign in fp32, rounded to fp16.
+  RoiAlign in fp32, rounded to fp16;
+* Pad: negative pads (cropping) too, which the reference kernel refuses.
 
 A node the fp16 plan kept in fp32 gets fp32 inputs and computes in fp32, as in the real graph.
 An attribute combination a fast kernel does not cover falls back to the reference
@@ -370,9 +371,31 @@ class ScatterElements(_op_list.ScatterElements):
         return (out,)
 
 
+class Pad(_op_list.Pad_18):
+    """Pad that also crops: ONNX allows negative pads (timm's ``Conv2dSame``/``MaxPool2dSame``
+    export them), numpy's ``pad`` refuses them; pad by the positive part, then slice."""
+
+    op_domain = ""
+
+    def _run(self, data, pads, constant_value=None, axes=None, mode=None):  # noqa: ANN001,ANN202
+        p = np.asarray(pads, dtype=np.int64).reshape(-1)
+        if (p >= 0).all():
+            return super()._run(data, pads, constant_value=constant_value, axes=axes,
+                                mode=mode)
+        (out,) = super()._run(data, np.maximum(p, 0), constant_value=constant_value,
+                              axes=axes, mode=mode)
+        dims = (list(range(data.ndim)) if axes is None else
+                [int(a) % data.ndim for a in np.asarray(axes).reshape(-1)])
+        index = [slice(None)] * data.ndim
+        for i, d in enumerate(dims):
+            start, stop = max(-int(p[i]), 0), max(-int(p[len(dims) + i]), 0)
+            index[d] = slice(start, out.shape[d] - stop)
+        return (out[tuple(index)],)
+
+
 _OVERRIDES: tuple[type, ...] = (Conv, ConvTranspose, Gemm, MatMul, MaxPool, AveragePool,
                                 GlobalAveragePool, Softmax, LogSoftmax, LayerNormalization,
-                                RoiAlign, NonMaxSuppression, ScatterElements)
+                                RoiAlign, NonMaxSuppression, ScatterElements, Pad)
 
 #: Op types replaced by the faster fp32-accumulating kernels above.
 EMULATED_OPS: tuple[str, ...] = tuple(c.__name__ for c in _OVERRIDES)

@@ -187,3 +187,16 @@ def test_scatter_elements_matches_the_reference(reduction: str | None) -> None:
     got = ReferenceEvaluator(model, new_ops=[ScatterElements]).run(None, feed)[0]
     ref = scatter_elements(data, indices, updates, axis=1, reduction=reduction)
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["constant", "edge", "reflect"])
+def test_pad_with_negative_pads_crops_like_onnx_runtime(mode: str) -> None:
+    x = RNG.standard_normal((1, 2, 6, 7)).astype(np.float32)
+    pads = np.array([0, 0, 2, -1, 0, 0, -2, 1], dtype=np.int64)
+    model = _graph("Pad", [("x", 1, [1, 2, 6, 7]), ("p", 7, [8])], TensorProto.FLOAT,
+                   {"mode": mode})
+    got = Fp16Emulator(model).run({"x": x, "p": pads})[0]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {"x": x, "p": pads})[0]
+    assert got.shape == ref.shape == (1, 2, 6, 7)
+    np.testing.assert_array_equal(got, ref)
