@@ -154,7 +154,6 @@ def search_fp32_nodes(fp32_model: ModelProto, convert: Callable[[Sequence[str]],
     search = AutoSearch()
     model, plan, result = first
     probe = ProbeSession(fp32_source if fp32_source is not None else fp32_model)
-    fp32_values = [probe.run(f) for f in feeds]
     consumers: dict[str, list[str]] = defaultdict(list)
     for node in fp32_model.graph.node:
         for i in node.input:
@@ -171,9 +170,15 @@ def search_fp32_nodes(fp32_model: ModelProto, convert: Callable[[Sequence[str]],
         with stage("fp16 auto", f"iteration {search.iterations + 1}"):
             emulator = Fp16Emulator(model if emulator_source is None
                                     else emulator_source(model))
-            fp16_values = [emulator.run(f, intermediate=True) for f in feeds]
-            scores = node_error_scores(fp32_model, model, fp32_values, fp16_values,
-                                       set(plan.fp32_nodes))
+            # one input at a time: every intermediate of a detection model is gigabytes
+            scores: dict[str, tuple[float, bool]] = {}
+            for feed in feeds:
+                one = node_error_scores(fp32_model, model, [probe.run(feed)],
+                                        [emulator.run(feed, intermediate=True)],
+                                        set(plan.fp32_nodes))
+                for name, (score, overflow) in one.items():
+                    was, was_overflow = scores.get(name, (0.0, False))
+                    scores[name] = (max(was, score), was_overflow or overflow)
             if not scores:
                 search.stopped_by = "no candidate"
                 break
