@@ -50,8 +50,15 @@ def _threads() -> Any:
     torch.set_num_threads(before)
 
 
+#: cases whose checks hold several GB (detection heads: their fp16 export check emulates
+#: RoiAlign/NMS graphs): one xdist worker runs them one after the other (``--dist loadgroup``)
+HEAVY = ("rcnn", "retinanet", "fcos", "ssd", "raft", "rt_detr")
+
+
 def _params(smoke: bool) -> list[Any]:
-    return [pytest.param(c, id=c.id) for c in all_cases() if c.smoke or not smoke]
+    return [pytest.param(c, id=c.id, marks=[pytest.mark.xdist_group("heavy")]
+                         if any(h in c.id for h in HEAVY) else [])
+            for c in all_cases() if c.smoke or not smoke]
 
 
 # the default run's smoke cases skip check 4 (an fp16 export + ONNX Runtime validation is
