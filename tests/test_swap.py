@@ -416,3 +416,26 @@ def test_kalman_swap_wires_priors_from_the_graph_and_trains_at_batch_two() -> No
         opt.step()
         assert torch.isfinite(loss)
     assert seen["bn1"] is False and sum(seen.values()) == 19
+
+
+@pytest.mark.parametrize("method", ["l1", "linf", "kalman"])
+def test_swapped_models_export_and_trace_through_their_layers(method: str) -> None:
+    """``torch.export`` and plain ``fx.symbolic_trace`` go inside the converted layers: their
+    eval forward has no data-dependent branch, before and after a training step moved the
+    running statistics (the converted variance is no longer valid then)."""
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                                       nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))).eval()
+    x = torch.randn(2, 3, 9, 9)
+    out = normswap.swap(model, method, example_inputs=x)
+    for step in range(2):
+        out.eval()
+        with torch.no_grad():
+            expect = out(x)
+        program = torch.export.export(out, (x,), strict=False)
+        traced = torch.fx.symbolic_trace(out)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), expect, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(traced(x), expect, rtol=1e-6, atol=1e-6)
+        if step == 0:  # a training step: running statistics move
+            out.train()(torch.randn(4, 3, 9, 9) * 2 + 1).sum().backward()

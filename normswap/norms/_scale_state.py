@@ -60,6 +60,17 @@ def scale_from_running_var(var: Tensor, eps: float) -> Tensor:
     return torch.sqrt(var.detach().double() + eps)
 
 
+def _tracing() -> bool:
+    """Whether the forward is being captured (export, compile, ONNX export, tracing), where a
+    Python branch on tensor data cannot be taken."""
+    from torch.fx import _symbolic_trace
+
+    fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or \
+        _symbolic_trace.is_fx_tracing
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or fx_tracing()
+                or torch.onnx.is_in_onnx_export())
+
+
 class RunningScaleNorm(BatchStatNorm):
     """:class:`BatchStatNorm` whose spread statistic is the running scale ``running_scale``.
 
@@ -189,10 +200,15 @@ class RunningScaleNorm(BatchStatNorm):
 
     def _eval_forward(self, x: Tensor) -> Tensor:
         """``(x - running_mean) / running_scale * weight + bias`` via the native eval kernel."""
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        # (a Proxy has no dtype while fx traces the layer: the statistics' dtype stands in)
+        dtype = (self.running_mean.dtype  # type: ignore[union-attr]
+                 if isinstance(x, torch.fx.Proxy) else x.dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
         rm = self.running_mean.to(acc)  # type: ignore[union-attr]
         w = None if self.weight is None else self.weight.to(acc)
         b = None if self.bias is None else self.bias.to(acc)
+        if _tracing():
+            return self._traced_eval_forward(x, rm, w, b, acc)
         exact = self._exact()
         if exact is not None and bool(torch.isfinite(exact).all()):
             # the BatchNorm it came from, computed exactly as BatchNorm computes it
@@ -200,3 +216,18 @@ class RunningScaleNorm(BatchStatNorm):
                                                   self.eps)
         var = self.running_scale.to(acc).square()  # type: ignore[union-attr]
         return torch.nn.functional.batch_norm(x, rm, var, w, b, False, 0.0, 0.0)
+
+    def _traced_eval_forward(self, x: Tensor, rm: Tensor, w: Tensor | None, b: Tensor | None,
+                             acc: torch.dtype) -> Tensor:
+        """The eval forward without data-dependent branches (``torch.export``, ``torch.compile``,
+        ONNX export, tracing): the choice between the converted variance and the running scale
+        is a ``torch.where`` on the same condition, and the scale enters as ``scale² − eps``
+        (BatchNorm's view of it, equal to within an ulp)."""
+        scale = self.running_scale.to(acc)  # type: ignore[union-attr]
+        from_scale = scale.square() - self.eps
+        var, ref = getattr(self, "_exact_var", None), getattr(self, "_exact_scale", None)
+        if var is not None and ref is not None and ref.dtype == self.running_scale.dtype \
+                and ref.device == self.running_scale.device:  # type: ignore[union-attr]
+            valid = (ref == self.running_scale).all() & torch.isfinite(var).all()
+            from_scale = torch.where(valid, var.to(acc), from_scale)
+        return torch.nn.functional.batch_norm(x, rm, from_scale, w, b, False, 0.0, self.eps)

@@ -146,7 +146,10 @@ class BatchStatNorm(nn.Module):
 
     # -- forward helpers ----------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
-        """Raise ValueError, naming the class, for a wrong rank, channel count or dtype."""
+        """Raise ValueError, naming the class, for a wrong rank, channel count or dtype (not
+        while fx traces the layer: a Proxy has no rank)."""
+        if isinstance(x, torch.fx.Proxy):
+            return
         name = type(self).__name__
         dims = self._expected_dims
         if dims is not None and x.dim() not in dims:
