@@ -163,6 +163,7 @@ def _demo_export(model: nn.Module, example: tuple[torch.Tensor, ...],
         return None
     _, data = load_demo()
     folded = fold(swap(model, "l1", example_inputs=example), example_inputs=example)
+    fold_report = folded.normswap_report
     target = Path(out_dir or tempfile.mkdtemp(prefix="normswap-demo-")) / "demo_l1_fp16.onnx"
     rep = export_onnx(folded, example, target, fp16=True, force=force)
     verdict = {True: "pass", False: "FAIL", None: "not validated"}[rep.passed]
@@ -181,8 +182,8 @@ def _demo_export(model: nn.Module, example: tuple[torch.Tensor, ...],
         acc = float((torch.from_numpy(out).float().argmax(1) == data["y_test"]).float().mean())
     except Exception as exc:  # noqa: BLE001 - report, do not crash the demo
         log.warning("could not score the ONNX file: %s", exc)
-    return DemoRow("l1 -> fold -> fp16 ONNX", 0, 0, "-", accuracy(model, data["x_test"],
-                                                                   data["y_test"]),
+    return DemoRow("l1 -> fold -> fp16 ONNX", len(fold_report.changes), len(fold_report.skips),
+                   "-", accuracy(model, data["x_test"], data["y_test"]),
                    acc, "-", f"fp16 validation: {verdict} ({evaluators or 'no fp16 evaluator'})"
                    f"; wrote {target}")
 
