@@ -38,3 +38,18 @@ def resnet50_bn() -> nn.Module:
 def resnet50_l1() -> nn.Module:
     """The same model converted to L1 batch-norm (eval-exact)."""
     return normswap.swap(_randomised_resnet50(), "l1")
+
+
+def yolov8n() -> nn.Module:
+    """ultralytics YOLOv8n (detect) built from its yaml, offline (no settings file in the user's
+    home, no network), randomised BN statistics."""
+    import os
+    import tempfile
+
+    if "YOLO_CONFIG_DIR" not in os.environ:
+        os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="bench-ultralytics-")
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    from ultralytics.nn.tasks import DetectionModel
+
+    return randomise_bn(DetectionModel("yolov8n.yaml", verbose=False))
