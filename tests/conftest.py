@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
@@ -69,3 +70,16 @@ def fold_model(model: nn.Module, **kwargs: Any) -> tuple[nn.Module, Any]:
 
     folded = normswap.fold(model, verify=False, **kwargs)
     return folded, folded.normswap_report
+
+
+@pytest.fixture(autouse=True)
+def _restore_method_registry() -> Any:
+    """A method a test registers is gone after it (the registry is process-wide)."""
+    from normswap import registry
+
+    methods, aliases = dict(registry._METHODS), dict(registry._ALIASES)
+    yield
+    registry._METHODS.clear()
+    registry._METHODS.update(methods)
+    registry._ALIASES.clear()
+    registry._ALIASES.update(aliases)

@@ -516,7 +516,6 @@ def test_hf_folder_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert json.loads((out / "normswap.json").read_text())["method"] == "kalman"
 
 
-@pytest.mark.xfail(reason="needs BN-compatible L1 state (h-norms)", strict=False)
 def test_hf_converted_folder_loads_into_the_plain_class(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     src = tmp_path / "resnet-hf"
