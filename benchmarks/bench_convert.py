@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -21,19 +20,9 @@ import torch
 import torchvision
 
 import normswap
-from models import randomise_bn  # benchmarks/ is on sys.path when run as a script
+from models import median_seconds, randomise_bn  # benchmarks/ is on sys.path when run as a script
 
 SKIP_SWEEP = {"regnet_y_128gf"}
-
-
-def _time(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    fn()  # warm-up
-    runs = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t)
-    return statistics.median(runs)
 
 
 def bench_resnet50(repeat: int, size: int) -> list[dict[str, object]]:
@@ -44,11 +33,13 @@ def bench_resnet50(repeat: int, size: int) -> list[dict[str, object]]:
         with torch.no_grad():
             model(x)
 
-    base = _time(fwd, repeat)
+    base = median_seconds(fwd, repeat, warmup=1)
     rows = []
     for method in ("l1", "linf", "kalman"):
-        t = _time(lambda: normswap.swap(model, method, example_inputs=x), repeat)
-        noverify = _time(lambda: normswap.swap(model, method, verify=False), repeat)
+        t = median_seconds(lambda: normswap.swap(model, method, example_inputs=x), repeat,
+                           warmup=1)
+        noverify = median_seconds(lambda: normswap.swap(model, method, verify=False), repeat,
+                                  warmup=1)
         rows.append({"model": "resnet50", "method": method, "input": list(x.shape),
                      "swap_verify_s": round(t, 4), "swap_only_s": round(noverify, 4),
                      "forward_s": round(base, 4), "ratio_to_forward": round(t / base, 2)})

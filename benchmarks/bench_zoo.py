@@ -30,19 +30,11 @@ sys.path.insert(0, str(ROOT))  # the zoo cases live in tests/zoo
 import torch  # noqa: E402
 
 import normswap  # noqa: E402
+from models import median_seconds  # noqa: E402  (benchmarks/ is on sys.path as a script)
 from tests.zoo._harness import ZooCase, prepare, zoo_threads  # noqa: E402
 from tests.zoo.cases import ZOOS, all_cases  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "zoo.json"
-
-
-def _median_time(fn: Callable[[], Any], repeat: int) -> float:
-    runs = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t)
-    return statistics.median(runs)
 
 
 def _forward(model: torch.nn.Module, inputs: tuple[Any, ...]) -> Callable[[], Any]:
@@ -59,10 +51,10 @@ def bench_case(case: ZooCase, repeat: int) -> dict[str, Any]:
     row: dict[str, Any] = {"model": case.id, "build_s": round(time.perf_counter() - t0, 4)}
     fwd = _forward(model, inputs)
     fwd()  # warm-up
-    base = _median_time(fwd, repeat)
+    base = median_seconds(fwd, repeat)
     row["forward_s"] = round(base, 4)
     try:
-        t = _median_time(lambda: normswap.swap(model, "l1", example_inputs=inputs), repeat)
+        t = median_seconds(lambda: normswap.swap(model, "l1", example_inputs=inputs), repeat)
     except Exception as exc:  # noqa: BLE001 - a model the swap refuses is recorded, not fatal
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         return row
@@ -94,7 +86,7 @@ def bench_yolov8n_export(repeat: int) -> dict[str, Any]:
     model, inputs = prepare(case)
     fwd = _forward(model, inputs)
     fwd()
-    row: dict[str, Any] = {"model": case.id, "forward_s": round(_median_time(fwd, 3), 4)}
+    row: dict[str, Any] = {"model": case.id, "forward_s": round(median_seconds(fwd, 3), 4)}
     steps: dict[str, list[float]] = {"swap_s": [], "fold_s": [], "export_s": [], "total_s": []}
     with tempfile.TemporaryDirectory(prefix="bench-zoo-") as tmp:
         for i in range(repeat):

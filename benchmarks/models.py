@@ -1,6 +1,11 @@
-"""Model factories for the benchmarks (``--model-fn models:NAME`` from this folder)."""
+"""Model factories for the benchmarks (``--model-fn models:NAME`` from this folder), and the
+median timer the conversion benchmarks share."""
 
 from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
 
 import torch
 import torchvision
@@ -53,3 +58,15 @@ def yolov8n() -> nn.Module:
     from ultralytics.nn.tasks import DetectionModel
 
     return randomise_bn(DetectionModel("yolov8n.yaml", verbose=False))
+
+
+def median_seconds(fn: Callable[[], Any], repeat: int, warmup: int = 0) -> float:
+    """Median wall time of ``repeat`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t)
+    return statistics.median(runs)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.fx import _symbolic_trace
 
 from ._common import BatchNormState
 from .base import BatchStatNorm
@@ -60,14 +61,16 @@ def scale_from_running_var(var: Tensor, eps: float) -> Tensor:
     return torch.sqrt(var.detach().double() + eps)
 
 
+#: fx's "is symbolic tracing" test (torch >= 2.5 separates it from export's), looked up once:
+#: the eval forward asks on every call
+_fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or \
+    _symbolic_trace.is_fx_tracing
+
+
 def _tracing() -> bool:
     """Whether the forward is being captured (export, compile, ONNX export, tracing), where a
     Python branch on tensor data cannot be taken."""
-    from torch.fx import _symbolic_trace
-
-    fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or \
-        _symbolic_trace.is_fx_tracing
-    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or fx_tracing()
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing()
                 or torch.onnx.is_in_onnx_export())
 
 
@@ -104,13 +107,21 @@ class RunningScaleNorm(BatchStatNorm):
     def _exact(self) -> Tensor | None:
         """The converted ``running_var`` while ``running_scale`` is still the scale it gave
         (training, calibration or a cast changes it; copies and moves keep it)."""
+        pair = self._exact_pair()
+        if pair is None or not torch.equal(pair[1], self.running_scale):  # type: ignore[arg-type]
+            return None
+        return pair[0]
+
+    def _exact_pair(self) -> tuple[Tensor, Tensor] | None:
+        """The converted ``running_var`` and the ``running_scale`` it was valid for, when their
+        kinds still match the current scale (the values are compared by the caller)."""
         var = getattr(self, "_exact_var", None)
         ref = getattr(self, "_exact_scale", None)
         scale = self.running_scale
         if var is None or ref is None or scale is None or ref.dtype != scale.dtype \
-                or ref.device != scale.device or not torch.equal(ref, scale):
+                or ref.device != scale.device:
             return None
-        return var
+        return var, ref
 
     def _reset_spread(self) -> None:
         self.running_scale.fill_(1.0)  # type: ignore[union-attr]
@@ -225,9 +236,9 @@ class RunningScaleNorm(BatchStatNorm):
         (BatchNorm's view of it, equal to within an ulp)."""
         scale = self.running_scale.to(acc)  # type: ignore[union-attr]
         from_scale = scale.square() - self.eps
-        var, ref = getattr(self, "_exact_var", None), getattr(self, "_exact_scale", None)
-        if var is not None and ref is not None and ref.dtype == self.running_scale.dtype \
-                and ref.device == self.running_scale.device:  # type: ignore[union-attr]
+        pair = self._exact_pair()
+        if pair is not None:
+            var, ref = pair
             valid = (ref == self.running_scale).all() & torch.isfinite(var).all()
             from_scale = torch.where(valid, var.to(acc), from_scale)
         return torch.nn.functional.batch_norm(x, rm, from_scale, w, b, False, 0.0, self.eps)
