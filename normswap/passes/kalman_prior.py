@@ -628,12 +628,16 @@ def _pad(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
     if mode != "constant" or not _number(value):
         return _Cut(node.name, op, f"padding mode {mode!r} (only constant padding has a moment "
                     "rule)")
+    pads = a.get("pad", a.get("padding"))
+    if isinstance(pads, (tuple, list)) and any(_number(v) and v < 0 for v in pads):
+        return _Cut(node.name, op, "negative padding crops: the moments of what is kept are "
+                    "unknown")
     return _Known(p.emit(node, _mom_pad, s.node, x, node, float(value)), s.sources)
 
 
 def _upsample(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _State:
-    """Interpolation: moments kept for nearest upsampling by whole factors and for 1×1 maps
-    (checked at run time)."""
+    """Interpolation: moments kept for nearest upsampling by whole factors and for 1×1 maps;
+    decided on the recorded shapes (the report names a cut), checked again at run time."""
     x = a.get("input")
     s = p.st(x)
     if not isinstance(s, _Known):
@@ -643,6 +647,14 @@ def _upsample(p: _Propagator, node: fx.Node, op: str, a: dict[str, Any]) -> _Sta
     if isinstance(mode, fx.Node):
         return _Cut(node.name, op, "interpolation mode computed in the graph")
     nearest = str(mode) in ("nearest", "nearest-exact")
+    shape_in, shape_out = node_shape(x), node_shape(node)
+    if shape_in is not None and shape_out is not None and len(shape_in) == len(shape_out) and \
+            not all(n == 1 for n in shape_in[2:]) and not (
+                nearest and all(i > 0 and o % i == 0 for i, o in zip(shape_in[2:],
+                                                                     shape_out[2:]))):
+        return _Cut(node.name, op, f"{mode} interpolation from {shape_in[2:]} to "
+                    f"{shape_out[2:]} changes the moments (kept only for nearest upsampling by "
+                    "whole factors and for 1x1 maps)")
     return _Known(p.emit(node, _mom_upsample, s.node, x, node, nearest), s.sources)
 
 

@@ -663,3 +663,26 @@ def test_padding_interpolation_stochastic_depth_and_shifts_pass_moments(strategy
     seen = _record_priors(gm)
     gm.train()(x)
     assert all(seen[n] is not None and seen[n][0].shape == (4,) for n in wired), seen
+
+
+class _BilinearCrop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.bn0 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c1, self.bn1 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.c2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn0(self.c0(x)))
+        a = self.bn1(self.c1(F.interpolate(y, scale_factor=2, mode="bilinear")))
+        return a, self.bn2(self.c2(F.pad(y, (-1, 0, 0, -1))))
+
+
+@pytest.mark.parametrize("strategy", ["fx", "export"])
+def test_interpolation_and_cropping_without_a_rule_are_cut_in_the_report(strategy: str) -> None:
+    model = randomize_bn(_BilinearCrop(), seed=4).eval()
+    gm, report = _kalman_region(model, torch.randn(4, 3, 8, 8), strategy)
+    skips = {s.node: s.reason for s in report.skips}
+    assert set(skips) == {"bn1", "bn2"}, report.table()
+    assert "interpolation from (8, 8) to (16, 16) changes the moments" in skips["bn1"]
+    assert "negative padding crops" in skips["bn2"]
