@@ -27,6 +27,7 @@ from torch import fx, nn
 
 from ._modules import set_submodule
 from .capture import Capture, Region
+from .capture._guard import install_guard
 from .norms.affine import ChannelAffine
 from .passes._infra import PassStep, run_passes
 from .passes._match import CONV_TRANSPOSE_TYPES, CONV_TYPES, is_batchnorm, needs_graft
@@ -155,6 +156,16 @@ def rewrite_regions(cap: Capture, steps: Sequence[PassStep], *,
             continue
         reason = _first_difference(before, after)
         outcomes.append(RegionOutcome(region.path, "graph", reason))
+        if region.guard is not None and install_guard(gm, region.guard):
+            report.note(f"'{region.path or '<model>'}': the converted graph checks, once per "
+                        "new input shape, that the inputs take the branches its "
+                        f"{len(region.guard.places)} shape-decided place(s) took on the "
+                        "example (a clear error otherwise)")
+        elif region.specialised:
+            report.warn(f"'{region.path or '<model>'}': the converted graph holds only for "
+                        "inputs that take the branches the example's shapes took "
+                        f"({'; '.join(region.specialised[:3])}), and cannot check it at run "
+                        "time: run it on inputs shaped like the example")
         if region.path:
             set_submodule(cap.root, region.path, gm)
             _repoint_outer(cap, region, gm)

@@ -125,6 +125,11 @@ def _record_capture(cap: Capture, report: PassReport) -> None:
         named = ", ".join(f"'{a.culprit}' ({a.culprit_type})" for a in _first_per_culprit(cap))
         blame = (f"; the parts that break it: {named} (pass leaf_modules={culprits!r} to keep "
                  "them out of the graph)")
+    else:
+        places = sorted({a.location for a in cap.attempts if a.path == "" and a.location})
+        if places:
+            blame = ("; it breaks in the model's own forward, not in a submodule, at "
+                     + ", ".join(places[:3]))
     if strategy in ("fx", "fx-shape", "export"):
         report.note(f"captured the whole model with {_STRATEGY_NAMES[strategy]}")
     elif strategy == "regions":

@@ -131,8 +131,12 @@ def _check_torch_zip(p: Path, size: int) -> None:
                                                    "the end of the file (truncated)")
     except zipfile.BadZipFile as exc:
         raise _not_a_checkpoint(p, f"it is a damaged zip archive ({exc})") from exc
-    except (OSError, ValueError, struct.error, EOFError) as exc:
-        raise _not_a_checkpoint(p, f"its zip directory is corrupt ({exc})") from exc
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zipfile raises many kinds on damaged input
+        # (OSError, struct.error, EOFError, NotImplementedError "zip file version 6.4" ...)
+        raise _not_a_checkpoint(p, f"its zip directory is corrupt ({type(exc).__name__}: "
+                                   f"{exc})") from exc
     names = [i.filename for i in infos]
     if any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names):
         raise _not_a_checkpoint(p, "it is a TorchScript archive; load it with torch.jit.load "

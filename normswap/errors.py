@@ -15,6 +15,7 @@ __all__ = [
     "UnknownMethodError",
     "MethodOptionError",
     "PassError",
+    "SpecialisedGraphError",
 ]
 
 
@@ -65,3 +66,8 @@ class MethodOptionError(NormswapError, ValueError):
 
 class PassError(NormswapError):
     """A graph pass failed unexpectedly (the message names the pass and those before it)."""
+
+
+class SpecialisedGraphError(NormswapError, RuntimeError):
+    """A converted graph, specialised to the example inputs' shapes, was called with inputs that
+    take another branch of the model's code."""

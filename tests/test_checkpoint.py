@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import torchvision
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -256,6 +256,7 @@ def test_fuzz_readers_raise_checkpoint_error_naming_the_file(case: tuple[Any, ..
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.binary(min_size=1, max_size=64), kind=st.sampled_from(sorted(_VALID)),
        where=st.floats(min_value=0.0, max_value=0.999))
+@example(data=b"@", kind="zip", where=0.8193524025148756)  # zipfile: "zip file version 6.4"
 def test_fuzz_damaged_checkpoints_load_or_raise_checkpoint_error(data: bytes, kind: str,
                                                                  where: float) -> None:
     """Overwriting bytes of a valid file either leaves it readable (tensor data hit) or gives

@@ -4,6 +4,7 @@ model and its state are never changed."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import normswap
 from normswap.errors import (
     MethodOptionError,
     NumericalMismatchError,
+    SpecialisedGraphError,
     UnsupportedModelError,
     UnsupportedNodeError,
 )
@@ -225,3 +227,92 @@ def test_a_trace_leaves_no_proxy_in_a_cache(method: str) -> None:
     with torch.no_grad():
         assert rel_err(out(x), model(x)) < 1e-5
         assert rel_err(out(x), model(x)) < 1e-5  # and again, from the filled cache
+
+
+# -- graphs specialised to the example's shapes guard themselves ---------------------------
+class _PerSample(nn.Module):
+    """Iterates over the batch and branches on the width: shape-aware tracing unrolls both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+        if y.shape[-1] > 12:
+            y = y * 2
+        return torch.stack([t.mean() for t in y])
+
+
+def test_a_specialised_graph_refuses_inputs_that_take_another_branch() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(_PerSample()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    out = normswap.swap(model, "kalman", example_inputs=x)  # graph priors: a GraphModule
+    rep = out.normswap_report
+    assert isinstance(out, torch.fx.GraphModule) and rep.metrics["capture"]["strategy"] == "fx-shape"
+    assert any("checks, once per new input shape" in e.message for e in rep.notes), rep.table()
+    with torch.no_grad():
+        assert rel_err(out(x), model(x)) < 1e-5
+        # same branches (another height, another batch content): runs and is right
+        x2 = torch.randn(2, 3, 8, 16)
+        assert rel_err(out(x2), model(x2)) < 1e-5
+        # another batch size: the unrolled loop would be wrong; a clear error instead
+        with pytest.raises(SpecialisedGraphError, match=r"iteration at .*test_hostile\.py:\d+ "
+                           r"\(_PerSample\.forward\): traced with 2, these inputs give 3"):
+            out(torch.randn(3, 3, 16, 16))
+        # another width: the branch flips
+        with pytest.raises(SpecialisedGraphError, match="control flow at .*traced with True"):
+            out(torch.randn(2, 3, 16, 8))
+    # the model's own class takes any shape
+    plain = normswap.swap(model, "kalman", example_inputs=x, priors=False)
+    assert not isinstance(plain, torch.fx.GraphModule)
+    with torch.no_grad():
+        x3 = torch.randn(3, 3, 16, 8)
+        assert rel_err(plain(x3), model(x3)) < 1e-5
+
+
+def test_a_guarded_graph_still_saves_copies_and_traces() -> None:
+    import pickle
+
+    torch.manual_seed(0)
+    model = randomize_bn(_PerSample()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    out = normswap.swap(model, "kalman", example_inputs=x)
+    for clone in (copy.deepcopy(out), pickle.loads(pickle.dumps(out))):
+        with torch.no_grad():
+            assert rel_err(clone(x), model(x)) < 1e-5
+        with pytest.raises(SpecialisedGraphError):
+            clone(torch.randn(3, 3, 16, 16))
+    # torch.export traces through the hook on fake tensors without checking
+    ep = torch.export.export(out, (x,))
+    assert rel_err(ep.module()(x), model(x)) < 1e-5
+
+
+class _RootBreaks(nn.Module):
+    """Capture breaks in the model's own forward (data-dependent flow), not in a submodule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        if y.mean() > 0:  # data-dependent: no strategy captures this forward
+            return y
+        return -y
+
+
+def test_a_capture_failure_in_the_root_forward_names_its_line() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(_RootBreaks()).eval()
+    out = normswap.swap(model, "l1", example_inputs=X)
+    rep = out.normswap_report
+    cap = rep.metrics["capture"]
+    assert cap["strategy"] == "regions" and cap["culprits"] == [], cap
+    msg = next(w.message for w in rep.warnings if "could not capture the whole model" in w.message)
+    assert re.search(r"in the model's own forward, not in a submodule, at .*test_hostile\.py:\d+ "
+                     r"\(_RootBreaks\.forward\)", msg), msg
+    with torch.no_grad():
+        assert rel_err(out(X), model(X)) < 1e-5

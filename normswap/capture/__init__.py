@@ -54,6 +54,7 @@ from ..passes._match import (
 from ..passes._infra import cleanup
 from ..progress import stage
 from ._export import export_graph
+from ._guard import SpecialisationGuard, build_guard, frame_location
 from ._tracers import BnSubclasses, NormTracer, ValueTracer, trace
 
 __all__ = ["capture", "Capture", "Region", "Attempt", "CaptureInputError", "STRATEGIES",
@@ -78,10 +79,12 @@ class Attempt:
     error: str
     culprit: str = ""
     culprit_type: str = ""
+    location: str = ""
 
     def describe(self) -> str:
         where = f" in '{self.culprit}' ({self.culprit_type})" if self.culprit else ""
-        return f"{self.strategy} on '{self.path or '<model>'}'{where}: {self.error}"
+        at = f" at {self.location}" if self.location else ""
+        return f"{self.strategy} on '{self.path or '<model>'}'{where}{at}: {self.error}"
 
 
 @dataclass
@@ -94,6 +97,8 @@ class Region:
         strategy: ``"fx"``, ``"fx-shape"`` or ``"export"``.
         specialised: where a concrete shape decided control flow (fx-shape only).
         checked: whether the graph was checked against the module's real output.
+        guard: checks at run time that inputs take the branches ``specialised`` lists (for a
+            graph that replaces the module; None when nothing was specialised).
     """
 
     path: str
@@ -101,6 +106,7 @@ class Region:
     strategy: str
     specialised: list[str] = field(default_factory=list)
     checked: bool = False
+    guard: SpecialisationGuard | None = None
 
 
 @dataclass
@@ -229,6 +235,21 @@ def _culprit(exc: BaseException, root: nn.Module, prefix: str = "") -> tuple[str
     return found
 
 
+def _model_location(exc: BaseException) -> str:
+    """``file:line (function)`` of the innermost frame of model code (not torch's, not
+    normswap's) that was running when ``exc`` was raised; ``""`` when there is none."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        found = ""
+        for frame, lineno in traceback.walk_tb(exc.__traceback__):
+            found = frame_location(frame, lineno) or found
+        if found:
+            return found
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return ""
+
+
 def unspecified_defaults(module: nn.Module, args: tuple[Any, ...],
                          kwargs: dict[str, Any]) -> dict[str, Any]:
     """Forward parameters the example does not give, with their defaults (``mask=None``):
@@ -333,9 +354,15 @@ def _fx_shape(module: nn.Module, args: tuple[Any, ...] | None, kwargs: dict[str,
     concrete = unspecified_defaults(module, args, kwargs)
     with _unwrapped_forward(module):
         graph = tracer.trace(module, concrete_args=concrete or None)
+    # a pickled GraphModule re-traces its code with its tracer class, built without arguments:
+    # the plain NormTracer (the values are not needed to re-trace generated code)
+    graph._tracer_cls = NormTracer
     gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
     gm.train(module.training)
     spec = sorted({f"{name}: {what}" for name, what in tracer.specialised})
+    if tracer.guards:
+        gm.meta["normswap_guard"] = build_guard(tracer.root, graph, tracer.guards, args, kwargs,
+                                                type(module).__name__)
     return gm, spec
 
 
@@ -431,6 +458,7 @@ def _try_strategies(result: Capture, path: str, module: nn.Module,
             with stage(f"capture {label}", name), ModuleStateGuard(result.root), _quiet():
                 gm, spec = _STRATEGY_FN[name](module, args, kwargs, _relative(leaf_modules, path),
                                              bn_subclasses)
+                guard = gm.meta.pop("normswap_guard", None)
                 cleanup(gm)
                 checked = False
                 if args is not None:
@@ -445,10 +473,11 @@ def _try_strategies(result: Capture, path: str, module: nn.Module,
                     checked = True
         except Exception as exc:  # noqa: BLE001 - every failure is recorded, next strategy
             result.attempts.append(Attempt(path, name, f"{type(exc).__name__}: "
-                                           f"{_first_line(exc)}", *_culprit(exc, module, path)))
+                                           f"{_first_line(exc)}", *_culprit(exc, module, path),
+                                           location=_model_location(exc)))
             log.debug("capture %s with %s failed: %s", path or "<model>", name, exc)
             continue
-        return Region(path, gm, name, spec, checked)
+        return Region(path, gm, name, spec, checked, guard)
     return None
 
 

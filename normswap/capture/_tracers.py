@@ -31,6 +31,7 @@ from torch.fx.node import map_aggregate
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..passes._match import LEAF_FUNCTIONS, is_frozen_batchnorm, is_normswap_layer, needs_graft
+from ._guard import caller_location, fingerprint
 
 __all__ = ["NormTracer", "ValueTracer", "notrace_registry", "trace", "BnSubclasses"]
 
@@ -217,14 +218,22 @@ class ValueTracer(NormTracer):
         self._positional = list(example_inputs)
         self._keyword = dict(example_kwargs or {})
         self.specialised: list[tuple[str, str]] = []
+        self.guards: list[tuple[fx.Node, str, Any, str]] = []
 
     # -- proxies with values ---------------------------------------------------------------
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ValueProxy(node, self)
 
-    def note_specialised(self, proxy: fx.Proxy, what: str) -> None:
-        """Record that a concrete value decided control flow at ``proxy``'s node."""
+    def note_specialised(self, proxy: fx.Proxy, what: str, value: Any = _NO_VALUE) -> None:
+        """Record that a concrete value decided control flow at ``proxy``'s node (and, for the
+        run-time guard, the part of the value that decided it)."""
         self.specialised.append((proxy.node.name, what))
+        if value is _NO_VALUE:
+            value = getattr(proxy, "_value", _NO_VALUE)
+        try:
+            self.guards.append((proxy.node, what, fingerprint(what, value), caller_location()))
+        except Exception as exc:  # noqa: BLE001 - recorded unguarded; the report lists it
+            log.debug("no guard for %s (%s): %s", proxy.node.name, what, exc)
 
     def _value_of(self, arg: Any) -> Any:
         def unwrap(a: Any) -> Any:
