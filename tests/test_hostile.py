@@ -316,3 +316,16 @@ def test_a_capture_failure_in_the_root_forward_names_its_line() -> None:
                      r"\(_RootBreaks\.forward\)", msg), msg
     with torch.no_grad():
         assert rel_err(out(X), model(X)) < 1e-5
+
+
+def test_a_guard_survives_a_second_conversion() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(_PerSample()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    swapped_model = normswap.swap(model, "kalman", example_inputs=x)
+    folded = normswap.fold(swapped_model, example_inputs=x)  # re-captured by plain fx
+    assert any(isinstance(m, type(swapped_model.normswap_guard)) for m in folded.modules())
+    with torch.no_grad():
+        assert rel_err(folded(x), model(x)) < 1e-4
+        with pytest.raises(SpecialisedGraphError):
+            folded(torch.randn(3, 3, 16, 16))

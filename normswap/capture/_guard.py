@@ -261,13 +261,17 @@ def install_guard(gm: fx.GraphModule, guard: SpecialisationGuard) -> bool:
     """Make ``guard`` the first call of ``gm``'s graph (with every input); False when the
     forward takes ``*args``/``**kwargs`` (the inputs cannot be passed on one by one)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if any(str(p.target).startswith("*") for p in placeholders) or hasattr(gm, GUARD_NAME):
+    if any(str(p.target).startswith("*") for p in placeholders):
         return False
-    gm.add_submodule(GUARD_NAME, guard)
+    name, i = GUARD_NAME, 0
+    while hasattr(gm, name):  # a graph re-captured from a guarded one keeps the first guard
+        i += 1
+        name = f"{GUARD_NAME}_{i}"
+    gm.add_submodule(name, guard)
     anchor = placeholders[-1] if placeholders else None
     ctx = gm.graph.inserting_after(anchor) if anchor is not None else \
         gm.graph.inserting_before(next(iter(gm.graph.nodes)))
     with ctx:
-        gm.graph.call_module(GUARD_NAME, tuple(placeholders))
+        gm.graph.call_module(name, tuple(placeholders))
     gm.recompile()
     return True

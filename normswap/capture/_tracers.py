@@ -31,7 +31,7 @@ from torch.fx.node import map_aggregate
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..passes._match import LEAF_FUNCTIONS, is_frozen_batchnorm, is_normswap_layer, needs_graft
-from ._guard import caller_location, fingerprint
+from ._guard import SpecialisationGuard, caller_location, fingerprint
 
 __all__ = ["NormTracer", "ValueTracer", "notrace_registry", "trace", "BnSubclasses"]
 
@@ -104,7 +104,7 @@ class NormTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names:
             return True
-        if is_normswap_layer(m):
+        if is_normswap_layer(m) or isinstance(m, SpecialisationGuard):  # a guard stays a call
             return True
         if isinstance(m, _BatchNorm) or is_frozen_batchnorm(m):  # before any registry
             return self.bn_subclasses == "leaf" or not needs_graft(m)
