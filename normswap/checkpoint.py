@@ -345,7 +345,26 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
         raise CheckpointError(f"{source} does not fit {type(model).__name__}: "
                               + "; ".join(parts)
                               + ". Check --arch and its arguments (e.g. num_classes)")
-    model.load_state_dict(dict(state_dict), strict=False)
+    model.load_state_dict(dict(state_dict), strict=False, assign=_can_assign(own, state_dict))
+
+
+def _can_assign(own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the checkpoint's tensors can become the model's own (``assign=True``): one copy
+    of the weights instead of two (the model's initial ones are freed). Only when every tensor
+    already has the model's dtype and device, and no two of the model's entries share storage
+    (a tie the checkpoint's separate tensors would break)."""
+    seen: set[int] = set()
+    for k, t in own.items():
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                return False
+            seen.add(ptr)
+        v = state_dict.get(k)
+        if v is not None and (v.dtype != t.dtype or v.device != t.device
+                              or type(v) is not torch.Tensor):
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------- writing

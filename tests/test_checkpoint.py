@@ -570,3 +570,34 @@ def test_plain_directory_and_missing_weights(tmp_path: Path) -> None:
         json.dumps({"weight_map": {"a": "../../etc/passwd"}}))
     with pytest.raises(CheckpointError, match="shards outside the folder"):
         read_state_dict(tmp_path)
+
+
+def test_load_weights_keeps_one_copy_and_ties() -> None:
+    from normswap.checkpoint import load_weights
+
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    dst = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    load_weights(dst, sd)
+    # the checkpoint's tensors became the model's (no second copy), parameters stay trainable
+    assert dst[0].weight.data_ptr() == sd["0.weight"].data_ptr()
+    assert isinstance(dst[0].weight, nn.Parameter) and dst[0].weight.requires_grad
+    # another dtype: copied and cast into the model's own tensors
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+    dst2 = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    load_weights(dst2, half)
+    assert dst2[0].weight.dtype == torch.float32
+    assert torch.equal(dst2[0].weight, sd["0.weight"].half().float())
+
+    # a tied model keeps its tie (the checkpoint holds two separate tensors)
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+            self.b.weight = self.a.weight
+
+    tied = Tied()
+    w = torch.randn(4, 4)
+    load_weights(tied, {"a.weight": w.clone(), "b.weight": w.clone()})
+    assert tied.a.weight is tied.b.weight and torch.equal(tied.a.weight, w)

@@ -39,6 +39,8 @@ def test_external_data_end_to_end(fp16: bool, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
     assert report.external_data_path == str(tmp_path / "model.onnx.data")
     assert any("external_data_threshold" in n.message for n in report.notes)
+    cpu = next(e for e in report.validation.evaluators if "CPUExecutionProvider" in e.name)
+    assert "basic graph optimisations, to bound memory" in cpu.description, cpu.description
     data = tmp_path / "model.onnx.data"
     assert path.stat().st_size < 20_000 < data.stat().st_size  # the weights are outside
     assert report.file_size_bytes == path.stat().st_size + data.stat().st_size
