@@ -25,15 +25,17 @@ The conversion itself is ONNX Runtime's ``onnxruntime.transformers.float16
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor
 
 __all__ = [
     "FP16_MAX",
@@ -47,6 +49,7 @@ __all__ = [
     "plan_fp32_nodes",
     "remove_round_trip_casts",
     "float_initializer_counts",
+    "initializer_array",
     "topological_sort",
     "cpu_fp16_op_types",
     "convert_fp16",
@@ -236,7 +239,8 @@ def _init_reason(arr: np.ndarray) -> str | None:
 def plan_fp32_nodes(model: ModelProto, ranges: Mapping[str, TensorRange], *,
                     overflow_limit: float = FP16_MAX / 2,
                     op_block_list: Iterable[str] = FP32_OP_TYPES,
-                    node_block_list: Iterable[str] = ()) -> Fp16Plan:
+                    node_block_list: Iterable[str] = (), base_dir: str | None = None
+                    ) -> Fp16Plan:
     """Decide which nodes stay fp32.
 
     Args:
@@ -245,6 +249,7 @@ def plan_fp32_nodes(model: ModelProto, ranges: Mapping[str, TensorRange], *,
         overflow_limit: a tensor with ``max|x|`` above this stays fp32.
         op_block_list: op types always kept in fp32.
         node_block_list: node names always kept in fp32.
+        base_dir: where the model's external data lives (a graph-only model).
 
     Returns:
         The plan.
@@ -267,7 +272,7 @@ def plan_fp32_nodes(model: ModelProto, ranges: Mapping[str, TensorRange], *,
     for init in model.graph.initializer:
         if init.data_type != TensorProto.FLOAT:
             continue
-        reason = _init_reason(numpy_helper.to_array(init))
+        reason = _init_reason(initializer_array(init, base_dir))
         if reason:
             for node in consumers.get(init.name, []):
                 plan.keep(node, f"input '{init.name}': {reason}")
@@ -428,12 +433,12 @@ def cpu_fp16_op_types() -> set[str] | None:
     return ops
 
 
-def _clamp_report(model: ModelProto, plan: Fp16Plan) -> None:
+def _clamp_report(model: ModelProto, plan: Fp16Plan, base_dir: str | None = None) -> None:
     """Record fp32 initialisers that ORT's converter will clamp into fp16 range."""
     for init in model.graph.initializer:
         if init.data_type != TensorProto.FLOAT:
             continue
-        arr = numpy_helper.to_array(init).astype(np.float64)
+        arr = initializer_array(init, base_dir).astype(np.float64)
         mags = np.abs(arr[np.isfinite(arr)])
         big = int((mags > FP16_MAX).sum())
         tiny = int(((mags > 0) & (mags < FP16_MIN_SUBNORMAL)).sum())
@@ -441,11 +446,68 @@ def _clamp_report(model: ModelProto, plan: Fp16Plan) -> None:
             plan.clamped_initializers[init.name] = (big, tiny)
 
 
+def initializer_array(init: TensorProto, base_dir: str | None = None) -> np.ndarray:
+    """The values of an initialiser; one whose data is external is read from ``base_dir``
+    through a copy of its (data-less) proto, so the model itself never holds the bytes."""
+    if init.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(init)
+    if base_dir is None:
+        raise ValueError(f"initializer '{init.name}' has external data: pass base_dir")
+    probe = TensorProto()
+    probe.CopyFrom(init)
+    return numpy_helper.to_array(probe, base_dir)
+
+
+@contextlib.contextmanager
+def _streamed_initializers(base_dir: str | None) -> Iterator[None]:
+    """ORT's converter, reading each external fp32 initialiser only when it converts it.
+
+    The converter converts initialisers one by one (``convert_tensor_float_to_float16``);
+    with the model's weights left in the fp32 data file, each tensor's bytes are read, cast
+    and stored as fp16 in turn: the fp32 weights are never all in memory, and never beside
+    their fp16 copy (a protobuf keeps replaced bytes in its arena until it is freed).
+    """
+    if base_dir is None:
+        yield
+        return
+    from onnxruntime.transformers import float16 as ort_fp16
+
+    original = ort_fp16.convert_tensor_float_to_float16
+
+    def convert(tensor: TensorProto, min_positive_val: float = 5.96e-08,
+                max_finite_val: float = 65504.0) -> TensorProto:
+        if tensor.data_location == TensorProto.EXTERNAL and tensor.data_type == \
+                TensorProto.FLOAT:
+            values = initializer_array(tensor, base_dir).ravel()
+            half = ort_fp16.convert_np_to_float16(values, min_positive_val, max_finite_val)
+            del tensor.external_data[:]
+            tensor.data_location = TensorProto.DEFAULT
+            tensor.data_type = TensorProto.FLOAT16
+            tensor.raw_data = half.tobytes()
+            return tensor
+        return original(tensor, min_positive_val, max_finite_val)
+
+    ort_fp16.convert_tensor_float_to_float16 = convert
+    try:
+        yield
+    finally:
+        ort_fp16.convert_tensor_float_to_float16 = original
+
+
+def _load_remaining(model: ModelProto, base_dir: str) -> None:
+    """Read the initialisers that stayed fp32 (and external) into the model."""
+    for init in model.graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL:
+            load_external_data_for_tensor(init, base_dir)
+            del init.external_data[:]
+            init.data_location = TensorProto.DEFAULT
+
+
 def convert_fp16(model: ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], *,
                  keep_io_types: bool = True, op_block_list: Iterable[str] | None = None,
                  node_block_list: Iterable[str] = (), overflow_limit: float = FP16_MAX / 2,
                  guard: bool = True, ranges: Mapping[str, TensorRange] | None = None,
-                 copy: bool = True) -> tuple[ModelProto, Fp16Plan]:
+                 copy: bool = True, base_dir: str | None = None) -> tuple[ModelProto, Fp16Plan]:
     """Convert an fp32 model to fp16, keeping range-critical nodes in fp32.
 
     Args:
@@ -461,6 +523,8 @@ def convert_fp16(model: ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], *
         ranges: ranges already measured (:func:`measure_ranges`); ``feeds`` are then not run.
         copy: work on a copy (False: convert ``model`` in place and return it, which saves one
             copy of the weights on big models).
+        base_dir: ``model`` is its graph only, its weights in external data files there (big
+            models): each initialiser is read from disk as it is converted.
 
     Returns:
         ``(fp16_model, plan)``.
@@ -478,7 +542,7 @@ def convert_fp16(model: ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], *
         if ranges is None:
             ranges = measure_ranges(src, feeds) if feeds else {}
         plan = plan_fp32_nodes(src, ranges, overflow_limit=overflow_limit, op_block_list=ops,
-                               node_block_list=node_block_list)
+                               node_block_list=node_block_list, base_dir=base_dir)
     else:
         plan = Fp16Plan()
         for node in src.graph.node:
@@ -487,7 +551,7 @@ def convert_fp16(model: ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], *
     for node in src.graph.node:
         if node.op_type in DEFAULT_OP_BLOCK_LIST:
             plan.keep(node, f"op type {node.op_type} has no fp16 form (ORT default block list)")
-    _clamp_report(src, plan)
+    _clamp_report(src, plan, base_dir)
     # initialisers only feeding fp32 nodes are left fp32 by ORT, so they are not clamped
     blocked = set(plan.fp32_nodes)
     only_fp32 = {i.name for i in src.graph.initializer}
@@ -499,9 +563,12 @@ def convert_fp16(model: ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], *
     # type inference on the graph alone (no weights: works past protobuf's 2 GB limit), then
     # the converter runs in place without its own inference (which would copy the model)
     _infer_types_in_place(src)
-    converted = convert_float_to_float16(
-        src, keep_io_types=keep_io_types, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
-        node_block_list=sorted(blocked), disable_shape_infer=True)
+    with _streamed_initializers(base_dir):
+        converted = convert_float_to_float16(
+            src, keep_io_types=keep_io_types, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
+            node_block_list=sorted(blocked), disable_shape_infer=True)
+    if base_dir is not None:
+        _load_remaining(converted, base_dir)
     removed = remove_round_trip_casts(converted, blocked)
     topological_sort(converted)
     log.debug("fp16: %d nodes kept fp32, %d round-trip casts removed", len(blocked), removed)

@@ -311,11 +311,13 @@ class _Staging:
         save_external(proto, self.fp32_path, "fp32.onnx.data")
         return _graph_only(self.fp32_path)
 
-    def fp32_for_conversion(self, proto: ModelProto) -> tuple[ModelProto, bool]:
-        """The fp32 model with its weights loaded, and whether it may be converted in place."""
+    def fp32_for_conversion(self, proto: ModelProto) -> tuple[ModelProto, bool, str | None]:
+        """The fp32 model to convert, whether it may be converted in place, and where its
+        weights are (staged: its graph alone, each weight read from the data file as it is
+        converted, so the fp32 weights are never all in memory)."""
         if self.fp32_path is None:
-            return proto, False
-        return onnx.load(str(self.fp32_path)), True
+            return proto, False, None
+        return _graph_only(self.fp32_path), True, str(self.fp32_path.parent)
 
     def fp32_source(self, proto: ModelProto) -> ModelProto | str:
         return proto if self.fp32_path is None else str(self.fp32_path)
@@ -492,13 +494,13 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
             report.node_ranges, report.node_ops = _node_ranges(proto, ranges)
 
             def convert(extra: Sequence[str]) -> tuple[ModelProto, Fp16Plan]:
-                src, in_place = staging.fp32_for_conversion(proto)
+                src, in_place, base_dir = staging.fp32_for_conversion(proto)
                 with step("fp16 convert"):
                     return convert_fp16(src, [], keep_io_types=keep_io_types,
                                         op_block_list=op_block_list,
                                         node_block_list=list(node_block_list) + list(extra),
                                         overflow_limit=overflow_limit, ranges=ranges,
-                                        copy=not in_place and fp16 == "auto")
+                                        copy=not in_place and fp16 == "auto", base_dir=base_dir)
 
             # with "auto" the conversion works on a copy: the search converts the fp32 model again
             final, plan = convert([])

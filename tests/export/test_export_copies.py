@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from normswap._modules import safe_deepcopy
@@ -86,11 +88,40 @@ def test_staging_drops_the_saved_proto_for_its_graph(tmp_path: Path) -> None:
     assert all(len(t.raw_data) < 1024 for t in light.graph.initializer)  # weights on disk
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in light.graph.initializer)
     assert abs(estimated_size(light) - size) <= 0.01 * size  # shapes kept: same estimate
-    loaded, in_place = staging.fp32_for_conversion(light)
-    assert in_place and sum(len(t.raw_data) for t in loaded.graph.initializer) > 60_000
+    loaded, in_place, base_dir = staging.fp32_for_conversion(light)
+    # the conversion gets the graph alone: each weight is read from disk as it is converted
+    assert in_place and base_dir == str(tmp_path)
+    assert sum(len(t.raw_data) for t in loaded.graph.initializer) < 60_000
     source = staging.stage(loaded)
     released = staging.release(loaded)
     assert source == str(tmp_path / "m.onnx") and released is not loaded
     assert staging.release(released) is released  # released once
     assert staging.stage(released) == source  # already saved: not saved again
     assert [n.op_type for n in released.graph.node] == [n.op_type for n in light.graph.node]
+
+
+def test_streamed_fp16_conversion_equals_the_in_memory_one(tmp_path: Path) -> None:
+    from normswap.export.fp16 import convert_fp16
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    with torch.no_grad():
+        model[0].weight[0, :2] = torch.tensor([1e-9, -1e-9])  # fp16 node: clamped to +-6e-8
+        model[2].weight[0, 0] = 2e5  # past fp16's range: the node and its weights stay fp32
+    proto, _ = export_fp32_proto(model, (torch.randn(1, 64),))
+    in_memory = onnx.ModelProto()
+    in_memory.CopyFrom(proto)
+    want, want_plan = convert_fp16(in_memory, [], ranges={}, copy=False)
+    staging = _Staging(tmp_path / "m.onnx", tmp_path)
+    light = staging.keep_fp32(proto, final=False)
+    graph, _, base_dir = staging.fp32_for_conversion(light)
+    got, got_plan = convert_fp16(graph, [], ranges={}, copy=False, base_dir=base_dir)
+    assert got_plan.clamped_initializers == want_plan.clamped_initializers != {}
+    assert got_plan.fp32_nodes == want_plan.fp32_nodes and len(got_plan.fp32_nodes) == 1
+    by_name = {t.name: t for t in want.graph.initializer}
+    assert len(got.graph.initializer) == len(by_name)
+    for t in got.graph.initializer:
+        assert t.data_location == onnx.TensorProto.DEFAULT, t.name
+        np.testing.assert_array_equal(numpy_helper.to_array(t),
+                                      numpy_helper.to_array(by_name[t.name]))
+        assert t.data_type == by_name[t.name].data_type
