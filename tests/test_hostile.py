@@ -329,3 +329,41 @@ def test_a_guard_survives_a_second_conversion() -> None:
         assert rel_err(folded(x), model(x)) < 1e-4
         with pytest.raises(SpecialisedGraphError):
             folded(torch.randn(3, 3, 16, 16))
+
+
+class _DataDecides(nn.Module):
+    """Control flow on values that come from tensor data, not shapes."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.c1, self.b1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+        if self.how == "item":
+            if y.mean().item() > 0:  # a Python number from data
+                return y
+            return -y
+        keep = torch.nonzero(y.flatten(1).mean(1) > 0)  # how many: data
+        return y.sum() * (len(keep) + 1)
+
+
+@pytest.mark.parametrize("how", ["item", "nonzero"])
+def test_data_never_decides_the_captured_graph(how: str) -> None:
+    """A value computed from tensor data (``.item()``, the length of a ``nonzero``) must not
+    be frozen into the graph as if it were a shape: the graph would hold for the example's
+    data only. Shape-aware tracing refuses it like plain fx; kalman (graph priors) then keeps
+    to what can be captured, and the result is right on other data."""
+    torch.manual_seed(0)
+    model = randomize_bn(_DataDecides(how)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    out = normswap.swap(model, "kalman", example_inputs=x)
+    cap = out.normswap_report.metrics["capture"]
+    assert cap["strategy"] != "fx-shape", cap
+    assert any(a.startswith("fx-shape on '<model>'") for a in cap["failed_attempts"]), cap
+    with torch.no_grad():
+        for _ in range(4):  # other data: the sign of the mean and the count both vary
+            x2 = torch.randn(2, 3, 8, 8) * 3 + torch.randn(()) * 2
+            assert rel_err(out(x2), model(x2)) < 1e-4

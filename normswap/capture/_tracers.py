@@ -12,8 +12,11 @@ Hugging Face's ``HFTracer``): every proxy also carries the concrete value the no
 example input. The graph stays symbolic (``x.size(0)`` is still a node), but where Python needs
 a concrete value -- ``if x.shape[-2:] != (32, 32)``, ``assert x.dim() == 4``, ``len(x)``,
 ``range(x.size(1))``, unpacking a shape -- the value is used. Only values that do not depend on
-tensor *data* are used this way: ``bool()`` of a tensor still fails, exactly as in plain fx, so
-data-dependent control flow is never frozen to the example. Every place where a shape was used
+tensor *data* are used this way: ``bool()`` of a tensor still fails, exactly as in plain fx, and
+so does any value computed after an op whose output shape or Python value is data (``nonzero``,
+boolean-mask indexing, ``unique``, ``nms``, ``.item()``, ``.tolist()`` ...; the mark follows
+every node computed from such a node), so data-dependent control flow is never frozen to the
+example. Every place where a shape was used
 to decide control flow is recorded (``tracer.specialised``), since the graph then holds for
 inputs that take the same branches.
 """
@@ -125,14 +128,15 @@ class _ValueProxy(fx.Proxy):
 
     def __len__(self) -> int:
         value = self._value
-        if value is _NO_VALUE:
+        if value is _NO_VALUE or self.tracer.depends_on_data(self):  # type: ignore[attr-defined]
             return super().__len__()
         self.tracer.note_specialised(self, "len()")  # type: ignore[attr-defined]
         return len(value)
 
     def __index__(self) -> int:
         value = self._value
-        if isinstance(value, (bool, int, torch.SymInt)):
+        if isinstance(value, (bool, int, torch.SymInt)) and not \
+                self.tracer.depends_on_data(self):  # type: ignore[attr-defined]
             self.tracer.note_specialised(self, "used as an index")  # type: ignore[attr-defined]
             return int(value)
         raise fx.proxy.TraceError(f"'{self.node.name}' cannot be used as an integer while "
@@ -188,6 +192,49 @@ def _may_call_modules(kind: str, target: Any, args: Any) -> bool:
     return True
 
 
+#: ops whose output shape (or, for item/tolist, whose Python value) is tensor data
+_DATA_SHAPED = frozenset({"nonzero", "nonzero_static", "masked_select", "unique",
+                          "unique_consecutive", "argwhere", "nms", "batched_nms", "bincount",
+                          "repeat_interleave", "item", "tolist", "masked_scatter"})
+
+
+def _op_name(target: Any) -> str:
+    name = getattr(target, "__name__", None) or str(target)
+    return str(name).replace("::", ".").rsplit(".", 1)[-1]
+
+
+def _shape_from_data(kind: str, target: Any, args: tuple[Any, ...]) -> bool:
+    """Whether this op's output shape (or Python value) depends on its inputs' data."""
+    if kind not in ("call_function", "call_method"):
+        return False
+    name = _op_name(target)
+    if name in _DATA_SHAPED:
+        return True
+    if name == "where" and len(args) == 1:  # torch.where(cond): the indices of True
+        return True
+    if name in ("getitem", "__getitem__") and len(args) > 1:  # x[mask]: boolean indexing
+        index = args[1] if isinstance(args[1], (tuple, list)) else (args[1],)
+        return any(_bool_index(i) for i in index)
+    return False
+
+
+def _bool_index(i: Any) -> bool:
+    value = getattr(i, "_value", i)
+    return isinstance(value, torch.Tensor) and value.dtype == torch.bool
+
+
+def _proxies(obj: Any) -> list[fx.Proxy]:
+    found: list[fx.Proxy] = []
+
+    def visit(a: Any) -> Any:
+        if isinstance(a, fx.Proxy):
+            found.append(a)
+        return a
+
+    map_aggregate(obj, visit)
+    return found
+
+
 def _depends_on_data(value: Any) -> bool:
     """A value that reflects tensor data (a tensor, or a container holding one)."""
     if isinstance(value, torch.Tensor):
@@ -219,10 +266,20 @@ class ValueTracer(NormTracer):
         self._keyword = dict(example_kwargs or {})
         self.specialised: list[tuple[str, str]] = []
         self.guards: list[tuple[fx.Node, str, Any, str]] = []
+        self.data_dependent: set[fx.Node] = set()
 
     # -- proxies with values ---------------------------------------------------------------
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ValueProxy(node, self)
+
+    def depends_on_data(self, proxy: fx.Proxy) -> bool:
+        """Whether ``proxy``'s value (a shape, a length, a number) depends on tensor *data*:
+        it comes after an op whose output shape or value is data (``nonzero``, boolean-mask
+        indexing, ``unique``, ``nms``, ``.item()`` ...). Such values never decide control
+        flow: the graph would hold for the example's data only."""
+        while isinstance(proxy, fx.proxy.Attribute):
+            proxy = proxy.root
+        return getattr(proxy, "node", None) in self.data_dependent
 
     def note_specialised(self, proxy: fx.Proxy, what: str, value: Any = _NO_VALUE) -> None:
         """Record that a concrete value decided control flow at ``proxy``'s node (and, for the
@@ -252,6 +309,9 @@ class ValueTracer(NormTracer):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr,
                                      proxy_factory_fn)
         if isinstance(proxy, _ValueProxy):
+            if _shape_from_data(kind, target, args) or any(
+                    self.depends_on_data(p) for p in _proxies((args, kwargs))):
+                self.data_dependent.add(proxy.node)
             try:
                 proxy._value = self._compute(kind, target, args, kwargs, proxy.node)
             except Exception as exc:  # noqa: BLE001 - value unknown: plain fx from here on
@@ -289,21 +349,21 @@ class ValueTracer(NormTracer):
     # -- control flow on shapes --------------------------------------------------------------
     def to_bool(self, obj: fx.Proxy) -> bool:
         value = getattr(obj, "_value", _NO_VALUE)
-        if value is _NO_VALUE or _depends_on_data(value):
+        if value is _NO_VALUE or _depends_on_data(value) or self.depends_on_data(obj):
             return super().to_bool(obj)
         self.note_specialised(obj, "control flow")
         return bool(value)
 
     def iter(self, obj: fx.Proxy) -> Iterator[fx.Proxy]:
         value = getattr(obj, "_value", _NO_VALUE)
-        if value is _NO_VALUE:
+        if value is _NO_VALUE or self.depends_on_data(obj):
             return super().iter(obj)
         self.note_specialised(obj, "iteration")
         return (obj[i] for i in range(len(value)))  # type: ignore[index]
 
     def keys(self, obj: fx.Proxy) -> Any:
         value = getattr(obj, "_value", _NO_VALUE)
-        if isinstance(value, dict):
+        if isinstance(value, dict) and not self.depends_on_data(obj):
             self.note_specialised(obj, "keys()")
             return list(value.keys())
         return super().keys(obj)
