@@ -323,9 +323,14 @@ def plot(data: dict[str, Any], path: Path) -> None:
         ax_m.axhline(2.5, color="r", lw=0.8, ls="--", label="2.5× target")
     ax_t.set(xlabel="parameters", ylabel="wall time (s)", title="time")
     ax_m.set(xlabel="parameters", ylabel="× fp32 parameter size", title="peak RSS")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
+        ax.set_xticks([m[1] for m in LADDER])
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:.0f}M"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     fig.suptitle(f"timm RegNetY, 1×3×{SIZE}×{SIZE}, {data['machine'].get('cpus')} CPUs",
                  fontsize=10)
     fig.tight_layout()
