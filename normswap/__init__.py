@@ -23,6 +23,7 @@ from .errors import (
     MethodOptionError,
     NormswapError,
     NumericalMismatchError,
+    SpecialisedGraphError,
     TracingError,
     UnknownMethodError,
     UnsupportedModelError,
@@ -37,7 +38,7 @@ __all__ = [
     "available_methods", "register_norm", "register_method", "PassReport",
     "NormswapError", "TracingError", "UnsupportedNodeError", "NumericalMismatchError",
     "VerificationError", "ExportError", "CheckpointError", "UnknownMethodError",
-    "MethodOptionError", "UnsupportedModelError",
+    "MethodOptionError", "UnsupportedModelError", "SpecialisedGraphError",
 ]
 __version__ = "0.2.0"
 
