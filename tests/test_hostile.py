@@ -245,11 +245,16 @@ class _PerSample(nn.Module):
         return torch.stack([t.mean() for t in y])
 
 
-def test_a_specialised_graph_refuses_inputs_that_take_another_branch() -> None:
+def _guarded_kalman() -> tuple[nn.Module, torch.Tensor, nn.Module]:
+    """(model, example, kalman conversion): a graph with priors, guarded (batch 2, 16x16)."""
     torch.manual_seed(0)
     model = randomize_bn(_PerSample()).eval()
     x = torch.randn(2, 3, 16, 16)
-    out = normswap.swap(model, "kalman", example_inputs=x)  # graph priors: a GraphModule
+    return model, x, normswap.swap(model, "kalman", example_inputs=x)
+
+
+def test_a_specialised_graph_refuses_inputs_that_take_another_branch() -> None:
+    model, x, out = _guarded_kalman()  # graph priors: a GraphModule
     rep = out.normswap_report
     assert isinstance(out, torch.fx.GraphModule) and rep.metrics["capture"]["strategy"] == "fx-shape"
     assert any("checks, once per new input shape" in e.message for e in rep.notes), rep.table()
@@ -276,10 +281,7 @@ def test_a_specialised_graph_refuses_inputs_that_take_another_branch() -> None:
 def test_a_guarded_graph_still_saves_copies_and_traces() -> None:
     import pickle
 
-    torch.manual_seed(0)
-    model = randomize_bn(_PerSample()).eval()
-    x = torch.randn(2, 3, 16, 16)
-    out = normswap.swap(model, "kalman", example_inputs=x)
+    model, x, out = _guarded_kalman()
     for clone in (copy.deepcopy(out), pickle.loads(pickle.dumps(out))):
         with torch.no_grad():
             assert rel_err(clone(x), model(x)) < 1e-5
@@ -319,10 +321,7 @@ def test_a_capture_failure_in_the_root_forward_names_its_line() -> None:
 
 
 def test_a_guard_survives_a_second_conversion() -> None:
-    torch.manual_seed(0)
-    model = randomize_bn(_PerSample()).eval()
-    x = torch.randn(2, 3, 16, 16)
-    swapped_model = normswap.swap(model, "kalman", example_inputs=x)
+    model, x, swapped_model = _guarded_kalman()
     folded = normswap.fold(swapped_model, example_inputs=x)  # re-captured by plain fx
     assert any(isinstance(m, type(swapped_model.normswap_guard)) for m in folded.modules())
     with torch.no_grad():

@@ -138,7 +138,7 @@ class SpecialisationGuard(nn.Module):
 
     Args:
         graph: a graph module computing the deciding values from the forward's inputs (its
-            modules and attributes on the meta device).
+            modules and attributes moved to the meta device by :func:`install_guard`).
         places: ``(where, kind, expected fingerprint)`` per output of ``graph``; ``where`` is
             the source location in the model's code (the node's name when unknown).
         example: the signature of the example the graph was traced on (known good).
@@ -218,7 +218,8 @@ def build_guard(root: nn.Module, graph: fx.Graph,
         owner: the model's class name, for messages.
 
     Returns:
-        The guard, or None when there is nothing to guard.
+        The guard (its graph still shares ``root``'s modules until :func:`install_guard`), or
+        None when there is nothing to guard.
     """
     unique: dict[tuple[str, str], tuple[fx.Node, str, Any, str]] = {}
     for node, what, value, where in places:
@@ -233,20 +234,6 @@ def build_guard(root: nn.Module, graph: fx.Graph,
     gm = fx.GraphModule(root, new, f"{owner}Guard")
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
-    for node in gm.graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            parent_path, _, name = str(node.target).rpartition(".")
-            parent = gm.get_submodule(parent_path) if parent_path else gm
-            value = getattr(parent, name)
-            if isinstance(value, nn.Module):
-                parent._modules[name] = _meta_copy(value)
-            elif isinstance(value, nn.Parameter):
-                parent._parameters[name] = _meta_copy(value)
-            elif isinstance(value, torch.Tensor):
-                if name in parent._buffers:
-                    parent._buffers[name] = _meta_copy(value)
-                else:
-                    setattr(parent, name, _meta_copy(value))
     gm.recompile()
     shapes = [tuple(t.shape) for t in pytree.tree_leaves((example_args, example_kwargs))
               if isinstance(t, torch.Tensor)]
@@ -257,12 +244,34 @@ def build_guard(root: nn.Module, graph: fx.Graph,
 GUARD_NAME = "normswap_guard"
 
 
+def _detach_weights(gm: fx.GraphModule) -> None:
+    """Replace the modules and tensors ``gm`` calls or reads by meta-device copies (no data
+    copied): the guard then holds no weight and ``.to()`` never has to move it."""
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        parent_path, _, name = str(node.target).rpartition(".")
+        parent = gm.get_submodule(parent_path) if parent_path else gm
+        value = getattr(parent, name)
+        if isinstance(value, nn.Module):
+            parent._modules[name] = _meta_copy(value)
+        elif isinstance(value, nn.Parameter):
+            parent._parameters[name] = _meta_copy(value)
+        elif isinstance(value, torch.Tensor):
+            if name in parent._buffers:
+                parent._buffers[name] = _meta_copy(value)
+            else:
+                setattr(parent, name, _meta_copy(value))
+
+
 def install_guard(gm: fx.GraphModule, guard: SpecialisationGuard) -> bool:
     """Make ``guard`` the first call of ``gm``'s graph (with every input); False when the
     forward takes ``*args``/``**kwargs`` (the inputs cannot be passed on one by one)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if any(str(p.target).startswith("*") for p in placeholders):
         return False
+    # the meta copies are made here, for a guard that is used, not at every capture
+    _detach_weights(guard.graph)
     name, i = GUARD_NAME, 0
     while hasattr(gm, name):  # a graph re-captured from a guarded one keeps the first guard
         i += 1

@@ -35,7 +35,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, numpy_helper
-from onnx.external_data_helper import load_external_data_for_tensor
+from onnx.external_data_helper import load_external_data_for_model
 
 __all__ = [
     "FP16_MAX",
@@ -494,15 +494,6 @@ def _streamed_initializers(base_dir: str | None) -> Iterator[None]:
         ort_fp16.convert_tensor_float_to_float16 = original
 
 
-def _load_remaining(model: ModelProto, base_dir: str) -> None:
-    """Read the initialisers that stayed fp32 (and external) into the model."""
-    for init in model.graph.initializer:
-        if init.data_location == TensorProto.EXTERNAL:
-            load_external_data_for_tensor(init, base_dir)
-            del init.external_data[:]
-            init.data_location = TensorProto.DEFAULT
-
-
 def convert_fp16(model: ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], *,
                  keep_io_types: bool = True, op_block_list: Iterable[str] | None = None,
                  node_block_list: Iterable[str] = (), overflow_limit: float = FP16_MAX / 2,
@@ -567,8 +558,8 @@ def convert_fp16(model: ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], *
         converted = convert_float_to_float16(
             src, keep_io_types=keep_io_types, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
             node_block_list=sorted(blocked), disable_shape_infer=True)
-    if base_dir is not None:
-        _load_remaining(converted, base_dir)
+    if base_dir is not None:  # the initialisers that stayed fp32 (and external)
+        load_external_data_for_model(converted, base_dir)
     removed = remove_round_trip_casts(converted, blocked)
     topological_sort(converted)
     log.debug("fp16: %d nodes kept fp32, %d round-trip casts removed", len(blocked), removed)
