@@ -12,6 +12,7 @@ Usage::
     python benchmarks/bench_layers.py            # full grid, eager and torch.compile paths
     python benchmarks/bench_layers.py --quick    # 32x64x56x56 fp32 only, few repetitions
     python benchmarks/bench_layers.py --no-compile
+    python benchmarks/bench_layers.py --no-native  # skip the fused-library-off rows
     python benchmarks/bench_layers.py --thp       # re-run with THP_MEM_ALLOC_ENABLE=1
     python benchmarks/bench_layers.py --keep-heap # re-run with glibc never returning memory
     python benchmarks/bench_layers.py --tile-mb 0 # L1 passes without batch tiles
@@ -47,7 +48,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from normswap.norms import _compile, _layout  # noqa: E402
+from normswap.norms import _compile, _cpu_kernels, _layout  # noqa: E402
 from normswap.norms.lp_batchnorm import (  # noqa: E402
     L1BatchNorm1d,
     L1BatchNorm2d,
@@ -202,7 +203,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shapes = {k: SHAPES[k] for k in (["32x64x56x56"] if args.quick else SHAPES)}
     first = next(iter(shapes))
     dtypes = {k: DTYPES[k] for k in (["fp32"] if args.quick else args.dtypes)}
-    modes = ["eager"] + ([] if args.no_compile else ["compile"])
+    modes = (["eager"] + ([] if args.no_native else ["native"])
+             + ([] if args.no_compile else ["compile"]))
+    _cpu_kernels.available()  # builds the library now, outside the timed runs
+    fused_status = _cpu_kernels.status()
+    print(f"fused CPU kernels: {fused_status}")
     reps, warmup = (5, 2) if args.quick else (args.reps, 3)
     rows: list[dict[str, Any]] = []
     header = (f"{'layer':<10}{'path':<8}{'dtype':<5}{'layout':<7}{'shape':<14}"
@@ -226,8 +231,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if mode == "compile" and not (args.compile_all or shape_name == first):
                         continue
                     _compile.set_compile(mode == "compile")
+                    _cpu_kernels.set_cpu_kernels(mode == "eager")
                     for lname, factory in factories.items():
-                        if mode == "compile" and lname == "Kalman":
+                        if mode != "eager" and lname == "Kalman":
                             continue
                         layer = factory(shape[1]).to(dtype).train()
                         layer_eval = factory(shape[1]).to(dtype).eval()
@@ -257,12 +263,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               f"{ev['ratio_wall']:7.2f}{ev['ratio_cpu']:7.2f}"
                               f"{row['saved_bytes'] / row['bn_saved_bytes']:9.4f}")
     _compile.set_compile(False)
-    return {"machine": machine(), "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+    _cpu_kernels.set_cpu_kernels(True)
+    return {"machine": machine(), "cpu_kernels": fused_status, "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
             "malloc_keep_heap": "MALLOC_TRIM_THRESHOLD_" in os.environ,
             "copy_bandwidth_gbs": bw, "floor_passes": PASSES_FLOOR,
             "tile_bytes": _layout.TILE_BYTES,
             "reps": reps, "rows": rows,
-            "notes": "ratio = layer time / nn.BatchNorm time, interleaved per repetition, "
+            "notes": "paths: eager = the default (fused CPU library where it is available), "
+                     "native = the native-kernel passes (library off), compile = torch.compile; "
+                     "ratio = layer time / nn.BatchNorm time, interleaved per repetition, "
                      "median of per-rep ratios, on the wall and the process-CPU clock; xfloor = "
                      "CPU ms / floor; compile rows exclude compile time (warm-up); saved_bytes = "
                      "bytes saved for backward by one train forward (unique storages, "
@@ -275,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one shape, fp32, few reps")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")
+    parser.add_argument("--no-native", action="store_true",
+                        help="skip the native-kernel path (the fused CPU library turned off)")
     parser.add_argument("--reps", type=int, default=11, help="timed repetitions per cell")
     parser.add_argument("--compile-all", action="store_true",
                         help="measure the compiled path for every shape (slow: compiles)")

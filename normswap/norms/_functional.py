@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from . import _compile as compiled
+from . import _cpu_kernels as fused
 from ._common import stats_dtype
 from ._kernels import (
     HALF_DTYPES,
@@ -240,6 +241,8 @@ def _l1_sign_sums(x: Tensor, mu: Tensor, buffer: Tensor) -> tuple[Tensor, Tensor
     summed while it is in cache, so this reads ``x`` once and writes nothing to memory. Inputs
     too small to tile stage the sign in ``buffer`` (the output, overwritten afterwards).
     """
+    if mu.dtype == torch.float32 and fused.usable(x):
+        return fused.l1_sums(x, mu)
     scale = sign_scale(mu) if x.dtype in HALF_DTYPES else None
     tiles = batch_tiles(x)
     scratch = buffer if len(tiles) == 1 else torch.empty_like(x[tiles[0]])
@@ -259,8 +262,10 @@ def _l1_input_gradient(g: Tensor, x: Tensor, mu: Tensor, alpha: Tensor, beta: Te
 
     float32/float64: the sign is staged in ``dx`` (the only full-size allocation). Half: the
     affine of ``g`` in float32 by the native kernel, the sign term in half through a tile-sized
-    buffer.
+    buffer. (One fused pass where :mod:`._cpu_kernels` takes the tensors.)
     """
+    if mu.dtype == torch.float32 and fused.usable(x, g):
+        return fused.l1_input_gradient(g, x, mu, alpha, beta, kappa)
     dx = torch.empty_like(x)
     if x.dtype in HALF_DTYPES:
         scale, neg_kappa = sign_scale(mu), channel_broadcast((-kappa).to(x.dtype), x)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _cpu_kernels as fused
 from ._common import stats_dtype
 from ._layout import channel_broadcast
 
@@ -37,6 +38,8 @@ def _reduce_dims(x: Tensor) -> list[int]:
 def channel_mean(x: Tensor) -> Tensor:
     """Per-channel mean of ``x`` (N, C, *) in float32 (float64 for float64 input)."""
     acc = stats_dtype(x.dtype)
+    if fused.usable(x):
+        return fused.channel_mean(x)
     if x.dtype in HALF_DTYPES:  # the native BN reduction is ~1.5x faster than mean() for half
         n = x.numel() // x.shape[1]
         return channel_sums(x, x, torch.zeros(x.shape[1], dtype=acc, device=x.device))[0] / n
@@ -56,6 +59,8 @@ def channel_sums(g: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
     """
     if x.numel() == 0:
         return torch.zeros_like(mu), torch.zeros_like(mu)
+    if mu.dtype == torch.float32 and fused.usable(x, g):
+        return fused.gradient_sums(g, x, mu)
     ones = torch.ones_like(mu)
     _, sum_gd, sum_g = torch.ops.aten.native_batch_norm_backward(
         g, x, ones, mu, ones, None, None, False, 0.0, [False, True, True])
@@ -82,6 +87,8 @@ def channel_affine(x: Tensor, mu: Tensor | None, a: Tensor, b: Tensor,
     if x.numel() == 0:
         return out
     mean = torch.zeros_like(a) if mu is None else mu
+    if a.dtype == torch.float32 and fused.usable(x, out):
+        return fused.affine(x, mean, a, b, out=out)
     unused = a.new_empty(0)  # save_mean/save_invstd: not computed in eval mode
     torch.ops.aten.native_batch_norm.out(x, a, b, mean, torch.ones_like(a), False, 0.0, 0.0,
                                          out=out, save_mean=unused, save_invstd=unused)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _cpu_kernels as fused
 from ._common import stats_dtype
 from ._layout import channel_view, view_batch_and_positions, view_broadcast, view_reduce_dims
 
@@ -29,13 +30,23 @@ def grouping(N: int, R: int, k: int) -> bool | None:
 
 
 def group_extrema(xw: Tensor, cdim: int, by_rows: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(channel mean, group max, group min) of a channel view; groups as (C, G)."""
+    """(channel mean, group max, group min) of a channel view; groups as (C, G).
+
+    One fused pass where :mod:`._cpu_kernels` takes the tensor (the tables are float32 then).
+    """
+    if fused.usable(_as_nc(xw, cdim)):
+        return fused.group_extrema(_as_nc(xw, cdim), by_rows)
     mu = xw.mean(view_reduce_dims(cdim), dtype=stats_dtype(xw.dtype))
     if by_rows:
         rdim = 2 if cdim == 1 else 1
         return mu, xw.amax(rdim).t(), xw.amin(rdim).t()
     gmax, gmin = xw.amax(0), xw.amin(0)
     return (mu, gmax, gmin) if cdim == 1 else (mu, gmax.t(), gmin.t())
+
+
+def _as_nc(xw: Tensor, cdim: int) -> Tensor:
+    """A contiguous channel view back as an (N, C, R) tensor with the same memory (a view)."""
+    return xw if cdim == 1 else xw.transpose(1, 2)
 
 
 def full_topk(xw: Tensor, cdim: int, mu: Tensor, k: int) -> tuple[Tensor, Tensor]:

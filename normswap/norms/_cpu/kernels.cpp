@@ -1,0 +1,525 @@
+// Fused CPU passes of the L1 and L-inf batch-norm layers (normswap/norms/_cpu_kernels.py builds and loads
+// this file). Each function is one pass over an (N, C, R) tensor in one of two dense layouts:
+// cdim == 1, planes of R contiguous elements per (n, c); cdim == 2, rows of C contiguous
+// channels per (n, r) (channels_last). Elements are float32, float16 or bfloat16 (dtype codes
+// 0, 1, 2), read into float32; per-channel sums accumulate in float32 over short blocks and in
+// float64 across blocks. Signs come from exact comparisons of x - mu with zero.
+//
+// The vector path needs AVX2, F16C and FMA (ns_simd() == 1); without them the library still
+// builds but the Python side does not use it.
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <stdlib.h>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define NS_SIMD 1
+#else
+#define NS_SIMD 0
+#endif
+
+namespace {
+
+enum Dtype { F32 = 0, F16 = 1, BF16 = 2 };
+constexpr int64_t BLOCK = 4096;   // elements per float32 partial sum before it goes to float64
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t float_to_bf16(float f) {   // round to nearest even; NaN -> quiet NaN
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+struct LF32 {
+  using T = float;
+  static inline float ld1(const T* p) { return *p; }
+  static inline void st1(T* p, float v) { *p = v; }
+#if NS_SIMD
+  static inline __m256 ld8(const T* p) { return _mm256_loadu_ps(p); }
+  static inline void st8(T* p, __m256 v) { _mm256_storeu_ps(p, v); }
+#endif
+};
+struct LF16 {
+  using T = uint16_t;
+#if NS_SIMD
+  static inline float ld1(const T* p) { return _cvtsh_ss(*p); }
+  static inline void st1(T* p, float v) { *p = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); }
+  static inline __m256 ld8(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+  static inline void st8(T* p, __m256 v) {
+    _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+#else
+  static inline float ld1(const T*) { return NAN; }   // unused without the vector path
+  static inline void st1(T*, float) {}
+#endif
+};
+struct LBF16 {
+  using T = uint16_t;
+  static inline float ld1(const T* p) { return bf16_to_float(*p); }
+  static inline void st1(T* p, float v) { *p = float_to_bf16(v); }
+#if NS_SIMD
+  static inline __m256 ld8(const T* p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static inline void st8(T* p, __m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128((__m128i*)p, packed);
+  }
+#endif
+};
+
+inline float sign1(float d) { return (float)(d > 0.f) - (float)(d < 0.f); }
+#if NS_SIMD
+inline __m256 sign8(__m256 d) {
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  return _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(d, zero, _CMP_GT_OQ), one),
+                       _mm256_and_ps(_mm256_cmp_ps(d, zero, _CMP_LT_OQ), one));
+}
+inline __m256 abs8(__m256 d) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), d); }
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// Static split of [0, total) into nt contiguous parts.
+inline void split(int64_t total, int nt, int t, int64_t* b, int64_t* e) {
+  int64_t q = total / nt, r = total % nt;
+  *b = t * q + (t < r ? t : r);
+  *e = *b + q + (t < r ? 1 : 0);
+}
+
+inline int threads_for(int64_t units, int nt) {
+  if (nt < 1) nt = 1;
+  return (int)(units < nt ? (units < 1 ? 1 : units) : nt);
+}
+
+// Per-channel sums. mode 0: a = sum x. mode 1: a = sum sign(x - mu), b = sum |x - mu|.
+// mode 2: a = sum g, b = sum g * (x - mu).
+template <class L, int MODE>
+void stats(const typename L::T* x, const typename L::T* g, const float* mu, int64_t N, int64_t C,
+           int64_t R, int cdim, double* out_a, double* out_b, int nt) {
+  using T = typename L::T;
+  const bool rows = cdim == 2;
+  int64_t units = rows ? N * R : N * C;
+  nt = threads_for(units, nt);
+  std::vector<double> part((size_t)nt * 2 * C, 0.0);
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    int t = omp_get_thread_num();
+#else
+    int t = 0;
+#endif
+    int64_t u0, u1;
+    split(units, nt, t, &u0, &u1);
+    double* pa = part.data() + (size_t)t * 2 * C;
+    double* pb = pa + C;
+    if (rows) {
+      std::vector<float> fa(C, 0.f), fb(C, 0.f);
+      int64_t rows_per_block = BLOCK / C > 1 ? BLOCK / C : 1;
+      for (int64_t r0 = u0; r0 < u1; r0 += rows_per_block) {
+        int64_t r1 = r0 + rows_per_block < u1 ? r0 + rows_per_block : u1;
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* xr = x + r * C;
+          const T* gr = MODE == 2 ? g + r * C : nullptr;
+          int64_t c = 0;
+#if NS_SIMD
+          for (; c + 8 <= C; c += 8) {
+            __m256 v = L::ld8(xr + c);
+            if (MODE == 0) {
+              _mm256_storeu_ps(&fa[c], _mm256_add_ps(_mm256_loadu_ps(&fa[c]), v));
+            } else {
+              __m256 d = _mm256_sub_ps(v, _mm256_loadu_ps(mu + c));
+              if (MODE == 1) {
+                _mm256_storeu_ps(&fa[c], _mm256_add_ps(_mm256_loadu_ps(&fa[c]), sign8(d)));
+                _mm256_storeu_ps(&fb[c], _mm256_add_ps(_mm256_loadu_ps(&fb[c]), abs8(d)));
+              } else {
+                __m256 gv = L::ld8(gr + c);
+                _mm256_storeu_ps(&fa[c], _mm256_add_ps(_mm256_loadu_ps(&fa[c]), gv));
+                _mm256_storeu_ps(&fb[c], _mm256_fmadd_ps(gv, d, _mm256_loadu_ps(&fb[c])));
+              }
+            }
+          }
+#endif
+          for (; c < C; ++c) {
+            float v = L::ld1(xr + c);
+            if (MODE == 0) { fa[c] += v; continue; }
+            float d = v - mu[c];
+            if (MODE == 1) { fa[c] += sign1(d); fb[c] += fabsf(d); }
+            else { float gv = L::ld1(gr + c); fa[c] += gv; fb[c] += gv * d; }
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          pa[c] += fa[c]; pb[c] += fb[c]; fa[c] = 0.f; fb[c] = 0.f;
+        }
+      }
+    } else {
+      for (int64_t p = u0; p < u1; ++p) {
+        int64_t c = p % C;
+        const T* xp = x + p * R;
+        const T* gp = MODE == 2 ? g + p * R : nullptr;
+        float m = mu ? mu[c] : 0.f;
+        double da = 0.0, db = 0.0;
+        for (int64_t j0 = 0; j0 < R; j0 += BLOCK) {
+          int64_t j1 = j0 + BLOCK < R ? j0 + BLOCK : R;
+          int64_t j = j0;
+          float sa = 0.f, sb = 0.f;
+#if NS_SIMD
+          __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+          const __m256 mv = _mm256_set1_ps(m);
+          for (; j + 16 <= j1; j += 16) {
+            __m256 v0 = L::ld8(xp + j), v1 = L::ld8(xp + j + 8);
+            if (MODE == 0) { a0 = _mm256_add_ps(a0, v0); a1 = _mm256_add_ps(a1, v1); continue; }
+            __m256 d0 = _mm256_sub_ps(v0, mv), d1 = _mm256_sub_ps(v1, mv);
+            if (MODE == 1) {
+              a0 = _mm256_add_ps(a0, sign8(d0)); a1 = _mm256_add_ps(a1, sign8(d1));
+              b0 = _mm256_add_ps(b0, abs8(d0)); b1 = _mm256_add_ps(b1, abs8(d1));
+            } else {
+              __m256 g0 = L::ld8(gp + j), g1 = L::ld8(gp + j + 8);
+              a0 = _mm256_add_ps(a0, g0); a1 = _mm256_add_ps(a1, g1);
+              b0 = _mm256_fmadd_ps(g0, d0, b0); b1 = _mm256_fmadd_ps(g1, d1, b1);
+            }
+          }
+          sa = hsum8(_mm256_add_ps(a0, a1));
+          sb = hsum8(_mm256_add_ps(b0, b1));
+#endif
+          for (; j < j1; ++j) {
+            float v = L::ld1(xp + j);
+            if (MODE == 0) { sa += v; continue; }
+            float d = v - m;
+            if (MODE == 1) { sa += sign1(d); sb += fabsf(d); }
+            else { float gv = L::ld1(gp + j); sa += gv; sb += gv * d; }
+          }
+          da += sa; db += sb;
+        }
+        pa[c] += da; pb[c] += db;
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0.0, b = 0.0;
+    for (int t = 0; t < nt; ++t) { a += part[(size_t)t * 2 * C + c]; b += part[(size_t)t * 2 * C + C + c]; }
+    out_a[c] = a;
+    if (out_b) out_b[c] = b;
+  }
+}
+
+// Element-wise. mode 0: out = (x - mu) * a + b. mode 1: out = a * g + b - k * sign(x - mu).
+template <class L, int MODE>
+void pointwise(const typename L::T* g, const typename L::T* x, typename L::T* out, const float* mu,
+               const float* a, const float* b, const float* k, int64_t N, int64_t C, int64_t R,
+               int cdim, int nt) {
+  using T = typename L::T;
+  const bool rows = cdim == 2;
+  int64_t units = rows ? N * R : N * C;
+  nt = threads_for(units, nt);
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    int t = omp_get_thread_num();
+#else
+    int t = 0;
+#endif
+    int64_t u0, u1;
+    split(units, nt, t, &u0, &u1);
+    if (rows) {
+      for (int64_t r = u0; r < u1; ++r) {
+        const T* xr = x + r * C;
+        const T* gr = MODE == 1 ? g + r * C : nullptr;
+        T* o = out + r * C;
+        int64_t c = 0;
+#if NS_SIMD
+        for (; c + 8 <= C; c += 8) {
+          __m256 d = _mm256_sub_ps(L::ld8(xr + c), _mm256_loadu_ps(mu + c));
+          __m256 y;
+          if (MODE == 0) {
+            y = _mm256_fmadd_ps(d, _mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c));
+          } else {
+            y = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), L::ld8(gr + c), _mm256_loadu_ps(b + c));
+            y = _mm256_fnmadd_ps(_mm256_loadu_ps(k + c), sign8(d), y);
+          }
+          L::st8(o + c, y);
+        }
+#endif
+        for (; c < C; ++c) {
+          float d = L::ld1(xr + c) - mu[c];
+          float y = MODE == 0 ? fmaf(d, a[c], b[c])
+                              : fmaf(-k[c], sign1(d), fmaf(a[c], L::ld1(gr + c), b[c]));
+          L::st1(o + c, y);
+        }
+      }
+    } else {
+      for (int64_t p = u0; p < u1; ++p) {
+        int64_t c = p % C;
+        const T* xp = x + p * R;
+        const T* gp = MODE == 1 ? g + p * R : nullptr;
+        T* o = out + p * R;
+        float m = mu[c], ac = a[c], bc = b[c], kc = MODE == 1 ? k[c] : 0.f;
+        int64_t j = 0;
+#if NS_SIMD
+        const __m256 mv = _mm256_set1_ps(m), av = _mm256_set1_ps(ac), bv = _mm256_set1_ps(bc),
+                     kv = _mm256_set1_ps(kc);
+        for (; j + 8 <= R; j += 8) {
+          __m256 d = _mm256_sub_ps(L::ld8(xp + j), mv);
+          __m256 y;
+          if (MODE == 0) {
+            y = _mm256_fmadd_ps(d, av, bv);
+          } else {
+            y = _mm256_fnmadd_ps(kv, sign8(d), _mm256_fmadd_ps(av, L::ld8(gp + j), bv));
+          }
+          L::st8(o + j, y);
+        }
+#endif
+        for (; j < R; ++j) {
+          float d = L::ld1(xp + j) - m;
+          float y = MODE == 0 ? fmaf(d, ac, bc) : fmaf(-kc, sign1(d), fmaf(ac, L::ld1(gp + j), bc));
+          L::st1(o + j, y);
+        }
+      }
+    }
+  }
+}
+
+// Group extrema of the L-inf layer's top-k selection, with the per-channel sum of x in the same
+// pass. by_rows == 0: the groups are positions, gmax/gmin are (R, C) for cdim == 2 and (C, R)
+// for cdim == 1 (the max/min over the batch). by_rows == 1: the groups are batch rows,
+// gmax/gmin are (N, C) (the max/min over the positions).
+template <class L>
+void extrema(const typename L::T* x, int64_t N, int64_t C, int64_t R, int cdim, int by_rows,
+             double* sum, float* gmax, float* gmin, int nt) {
+  using T = typename L::T;
+  const bool rows = cdim == 2;
+  int64_t nb = (R + BLOCK - 1) / BLOCK;
+  int64_t units = by_rows ? (rows ? N : N * C) : (rows ? R : C * nb);
+  nt = threads_for(units, nt);
+  std::vector<double> part((size_t)nt * C, 0.0);
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    int t = omp_get_thread_num();
+#else
+    int t = 0;
+#endif
+    int64_t u0, u1;
+    split(units, nt, t, &u0, &u1);
+    double* ps = part.data() + (size_t)t * C;
+    if (!by_rows && rows) {            // (R, C) tables: each sample's rows stream in order,
+      int64_t rb = u1 - u0 > 0 ? u1 - u0 : 1;  // the thread's table rows stay in cache
+      std::vector<float> fs(C, 0.f);
+      for (int64_t r0 = u0; r0 < u1; r0 += rb) {
+        int64_t r1 = r0 + rb < u1 ? r0 + rb : u1;
+        for (int64_t n = 0; n < N; ++n) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const T* xr = x + (n * R + r) * C;
+            float* mx = gmax + r * C;
+            float* mn = gmin + r * C;
+            int64_t c = 0;
+#if NS_SIMD
+            for (; c + 8 <= C; c += 8) {
+              __m256 v = L::ld8(xr + c);
+              _mm256_storeu_ps(&fs[c], _mm256_add_ps(_mm256_loadu_ps(&fs[c]), v));
+              if (n == 0) { _mm256_storeu_ps(mx + c, v); _mm256_storeu_ps(mn + c, v); }
+              else {
+                _mm256_storeu_ps(mx + c, _mm256_max_ps(_mm256_loadu_ps(mx + c), v));
+                _mm256_storeu_ps(mn + c, _mm256_min_ps(_mm256_loadu_ps(mn + c), v));
+              }
+            }
+#endif
+            for (; c < C; ++c) {
+              float v = L::ld1(xr + c);
+              fs[c] += v;
+              if (n == 0) { mx[c] = v; mn[c] = v; }
+              else { mx[c] = mx[c] > v ? mx[c] : v; mn[c] = mn[c] < v ? mn[c] : v; }
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) { ps[c] += fs[c]; fs[c] = 0.f; }
+        }
+      }
+    } else if (!by_rows) {             // (C, R) tables, one block of positions of one channel
+      for (int64_t u = u0; u < u1; ++u) {
+        int64_t c = u / nb, j0 = (u % nb) * BLOCK;
+        int64_t j1 = j0 + BLOCK < R ? j0 + BLOCK : R;
+        float* mx = gmax + c * R;
+        float* mn = gmin + c * R;
+        for (int64_t n = 0; n < N; ++n) {
+          const T* xp = x + (n * C + c) * R;
+          float sacc = 0.f;
+          int64_t j = j0;
+#if NS_SIMD
+          __m256 s8 = _mm256_setzero_ps();
+          for (; j + 8 <= j1; j += 8) {
+            __m256 v = L::ld8(xp + j);
+            s8 = _mm256_add_ps(s8, v);
+            if (n == 0) { _mm256_storeu_ps(mx + j, v); _mm256_storeu_ps(mn + j, v); }
+            else {
+              _mm256_storeu_ps(mx + j, _mm256_max_ps(_mm256_loadu_ps(mx + j), v));
+              _mm256_storeu_ps(mn + j, _mm256_min_ps(_mm256_loadu_ps(mn + j), v));
+            }
+          }
+          sacc = hsum8(s8);
+#endif
+          for (; j < j1; ++j) {
+            float v = L::ld1(xp + j);
+            sacc += v;
+            if (n == 0) { mx[j] = v; mn[j] = v; }
+            else { mx[j] = mx[j] > v ? mx[j] : v; mn[j] = mn[j] < v ? mn[j] : v; }
+          }
+          ps[c] += sacc;
+        }
+      }
+    } else if (!rows) {                // (N, C) tables from planes
+      for (int64_t p = u0; p < u1; ++p) {
+        const T* xp = x + p * R;
+        float vmax = L::ld1(xp), vmin = vmax;
+        double dsum = 0.0;
+        for (int64_t j0 = 0; j0 < R; j0 += BLOCK) {
+          int64_t j1 = j0 + BLOCK < R ? j0 + BLOCK : R;
+          int64_t j = j0;
+          float sacc = 0.f;
+#if NS_SIMD
+          __m256 s8 = _mm256_setzero_ps(), mx8 = _mm256_set1_ps(vmax), mn8 = _mm256_set1_ps(vmin);
+          for (; j + 8 <= j1; j += 8) {
+            __m256 v = L::ld8(xp + j);
+            s8 = _mm256_add_ps(s8, v);
+            mx8 = _mm256_max_ps(mx8, v);
+            mn8 = _mm256_min_ps(mn8, v);
+          }
+          sacc = hsum8(s8);
+          float tmp[8];
+          _mm256_storeu_ps(tmp, mx8);
+          for (int l = 0; l < 8; ++l) vmax = vmax > tmp[l] ? vmax : tmp[l];
+          _mm256_storeu_ps(tmp, mn8);
+          for (int l = 0; l < 8; ++l) vmin = vmin < tmp[l] ? vmin : tmp[l];
+#endif
+          for (; j < j1; ++j) {
+            float v = L::ld1(xp + j);
+            sacc += v;
+            vmax = vmax > v ? vmax : v;
+            vmin = vmin < v ? vmin : v;
+          }
+          dsum += sacc;
+        }
+        gmax[p] = vmax; gmin[p] = vmin;
+        ps[p % C] += dsum;
+      }
+    } else {                           // (N, C) tables from rows
+      std::vector<float> fs(C, 0.f);
+      for (int64_t n = u0; n < u1; ++n) {
+        float* mx = gmax + n * C;
+        float* mn = gmin + n * C;
+        for (int64_t r = 0; r < R; ++r) {
+          const T* xr = x + (n * R + r) * C;
+          for (int64_t c = 0; c < C; ++c) {
+            float v = L::ld1(xr + c);
+            fs[c] += v;
+            if (r == 0) { mx[c] = v; mn[c] = v; }
+            else { mx[c] = mx[c] > v ? mx[c] : v; mn[c] = mn[c] < v ? mn[c] : v; }
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) { ps[c] += fs[c]; fs[c] = 0.f; }
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0.0;
+    for (int t = 0; t < nt; ++t) a += part[(size_t)t * C + c];
+    sum[c] = a;
+  }
+}
+
+template <int MODE>
+void stats_dispatch(int dt, const void* x, const void* g, const float* mu, int64_t N, int64_t C,
+                    int64_t R, int cdim, double* a, double* b, int nt) {
+  if (dt == F32) stats<LF32, MODE>((const float*)x, (const float*)g, mu, N, C, R, cdim, a, b, nt);
+  else if (dt == F16) stats<LF16, MODE>((const uint16_t*)x, (const uint16_t*)g, mu, N, C, R, cdim, a, b, nt);
+  else stats<LBF16, MODE>((const uint16_t*)x, (const uint16_t*)g, mu, N, C, R, cdim, a, b, nt);
+}
+
+template <int MODE>
+void pointwise_dispatch(int dt, const void* g, const void* x, void* out, const float* mu,
+                        const float* a, const float* b, const float* k, int64_t N, int64_t C,
+                        int64_t R, int cdim, int nt) {
+  if (dt == F32) pointwise<LF32, MODE>((const float*)g, (const float*)x, (float*)out, mu, a, b, k, N, C, R, cdim, nt);
+  else if (dt == F16) pointwise<LF16, MODE>((const uint16_t*)g, (const uint16_t*)x, (uint16_t*)out, mu, a, b, k, N, C, R, cdim, nt);
+  else pointwise<LBF16, MODE>((const uint16_t*)g, (const uint16_t*)x, (uint16_t*)out, mu, a, b, k, N, C, R, cdim, nt);
+}
+
+void extrema_dispatch(int dt, const void* x, int64_t N, int64_t C, int64_t R, int cdim,
+                      int by_rows, double* sum, float* gmax, float* gmin, int nt) {
+  if (dt == F32) extrema<LF32>((const float*)x, N, C, R, cdim, by_rows, sum, gmax, gmin, nt);
+  else if (dt == F16) extrema<LF16>((const uint16_t*)x, N, C, R, cdim, by_rows, sum, gmax, gmin, nt);
+  else extrema<LBF16>((const uint16_t*)x, N, C, R, cdim, by_rows, sum, gmax, gmin, nt);
+}
+
+}  // namespace
+
+extern "C" {
+
+int ns_simd(void) { return NS_SIMD; }
+
+int ns_openmp(void) {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// sum x per channel -> out (C doubles).
+void ns_channel_sum(int dt, const void* x, int64_t N, int64_t C, int64_t R, int cdim, double* out,
+                    int nt) {
+  stats_dispatch<0>(dt, x, nullptr, nullptr, N, C, R, cdim, out, nullptr, nt);
+}
+
+// sum sign(x - mu) -> sign_sum, sum |x - mu| -> abs_sum (C doubles each).
+void ns_l1_sums(int dt, const void* x, const float* mu, int64_t N, int64_t C, int64_t R, int cdim,
+                double* sign_sum, double* abs_sum, int nt) {
+  stats_dispatch<1>(dt, x, nullptr, mu, N, C, R, cdim, sign_sum, abs_sum, nt);
+}
+
+// sum g -> g_sum, sum g * (x - mu) -> gd_sum (C doubles each).
+void ns_gradient_sums(int dt, const void* g, const void* x, const float* mu, int64_t N, int64_t C,
+                      int64_t R, int cdim, double* g_sum, double* gd_sum, int nt) {
+  stats_dispatch<2>(dt, x, g, mu, N, C, R, cdim, g_sum, gd_sum, nt);
+}
+
+// out = (x - mu) * a + b.
+void ns_affine(int dt, const void* x, void* out, const float* mu, const float* a, const float* b,
+               int64_t N, int64_t C, int64_t R, int cdim, int nt) {
+  pointwise_dispatch<0>(dt, nullptr, x, out, mu, a, b, nullptr, N, C, R, cdim, nt);
+}
+
+// dx = a * g + b - k * sign(x - mu).
+void ns_l1_input_gradient(int dt, const void* g, const void* x, void* dx, const float* mu,
+                          const float* a, const float* b, const float* k, int64_t N, int64_t C,
+                          int64_t R, int cdim, int nt) {
+  pointwise_dispatch<1>(dt, g, x, dx, mu, a, b, k, N, C, R, cdim, nt);
+}
+
+// Per-channel sum of x and group max/min tables (see extrema above).
+void ns_group_extrema(int dt, const void* x, int64_t N, int64_t C, int64_t R, int cdim,
+                      int by_rows, double* sum, float* gmax, float* gmin, int nt) {
+  extrema_dispatch(dt, x, N, C, R, cdim, by_rows, sum, gmax, gmin, nt);
+}
+
+}  // extern "C"

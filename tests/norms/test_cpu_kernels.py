@@ -1,0 +1,297 @@
+"""The fused CPU library (normswap.norms._cpu_kernels): every kernel against a float64 formula,
+the layers with it against the layers without it, and its build, cache and fallback."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from normswap.norms import _cpu_kernels as fused
+from normswap.norms import _functional as F
+from normswap.norms import _topk
+from normswap.norms._layout import channel_view
+from normswap.norms.lp_batchnorm import (
+    L1BatchNorm1d,
+    L1BatchNorm2d,
+    L1BatchNorm3d,
+    LinfBatchNorm1d,
+    LinfBatchNorm2d,
+    LinfBatchNorm3d,
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (shape, memory format): channel counts that are and are not multiples of the 8-wide vectors,
+# positions with a scalar tail, (N, C) inputs, 3-d and channels_last_3d
+CASES = [
+    ((6, 13, 17, 19), torch.contiguous_format),
+    ((6, 13, 17, 19), torch.channels_last),
+    ((3, 64, 9, 10), torch.channels_last),
+    ((5, 16, 33), torch.contiguous_format),
+    ((300, 37), torch.contiguous_format),
+    ((2, 5, 3, 7, 11), torch.channels_last_3d),
+    ((2, 5, 3, 7, 11), torch.contiguous_format),
+    ((40, 20, 2, 2), torch.channels_last),
+]
+ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+@pytest.fixture
+def kernels(monkeypatch: pytest.MonkeyPatch):
+    """The library, on for tensors of every size; skipped (with the reason) where it cannot be
+    built here."""
+    monkeypatch.setattr(fused, "_ENABLED", True)
+    if not fused.available():
+        pytest.skip(f"fused CPU kernels: {fused.status()}")
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 0)
+    return fused
+
+
+def _input(shape, fmt, dtype, seed=0, scale=3.0, shift=1.5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift
+    # per-channel statistics that differ: a channel's mean and spread come from the seed
+    C = shape[1]
+    view = (1, C) + (1,) * (len(shape) - 2)
+    x = x * torch.rand(C, generator=g, dtype=torch.float64).add(0.2).reshape(view) \
+        + torch.randn(C, generator=g, dtype=torch.float64).reshape(view)
+    return x.to(dtype).contiguous(memory_format=fmt)
+
+
+def _per_channel(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,fmt", CASES, ids=str)
+def test_reductions_match_float64_formulas(kernels, shape, fmt, dtype) -> None:
+    x = _input(shape, fmt, dtype)
+    assert kernels.usable(x)
+    xd = _per_channel(x.double())
+    n = xd.shape[1]
+    mean = kernels.channel_mean(x)
+    torch.testing.assert_close(mean.double(), xd.mean(1), rtol=1e-6, atol=1e-6)
+    mu = mean                                     # float32, as the layers pass it
+    d = xd - mu.double()[:, None]
+    sign_sum, abs_sum = kernels.l1_sums(x, mu)
+    assert torch.equal(sign_sum.double(), torch.sign(d).sum(1))   # comparisons: exact
+    torch.testing.assert_close(abs_sum.double(), d.abs().sum(1), rtol=1e-5, atol=1e-4)
+    g = _input(shape, fmt, dtype, seed=1, shift=0.0)
+    g_sum, gd_sum = kernels.gradient_sums(g, x, mu)
+    gd = _per_channel(g.double())
+    torch.testing.assert_close(g_sum.double(), gd.sum(1), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(gd_sum.double(), (gd * d).sum(1), rtol=1e-5, atol=1e-3 * n ** 0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,fmt", CASES, ids=str)
+def test_elementwise_passes_match_float64_formulas(kernels, shape, fmt, dtype) -> None:
+    x = _input(shape, fmt, dtype)
+    g = _input(shape, fmt, dtype, seed=1, shift=0.0)
+    C = shape[1]
+    gen = torch.Generator().manual_seed(2)
+    mu, a, b, k = (torch.randn(C, generator=gen) for _ in range(4))
+    view = (1, C) + (1,) * (len(shape) - 2)
+    y = kernels.affine(x, mu, a, b)
+    assert y.dtype == dtype and y.stride() == x.stride()
+    ref = (x.double() - mu.double().reshape(view)) * a.double().reshape(view) \
+        + b.double().reshape(view)
+    # float32 arithmetic then one rounding to dtype: within one ulp of dtype plus float32 error
+    tol = ULP[dtype] * ref.abs() + 1e-5 * (1 + x.double().abs() * a.double().abs().reshape(view))
+    assert ((y.double() - ref).abs() <= tol).all()
+    dx = kernels.l1_input_gradient(g, x, mu, a, b, k)
+    assert dx.dtype == dtype and dx.stride() == x.stride()
+    sign = torch.sign(x.double() - mu.double().reshape(view))
+    ref = a.double().reshape(view) * g.double() + b.double().reshape(view) \
+        - k.double().reshape(view) * sign
+    tol = ULP[dtype] * ref.abs() + 1e-5 * (1 + g.double().abs())
+    assert ((dx.double() - ref).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,fmt", CASES, ids=str)
+@pytest.mark.parametrize("by_rows", [False, True])
+def test_group_extrema_equal_amax_amin(kernels, shape, fmt, dtype, by_rows) -> None:
+    x = _input(shape, fmt, dtype)
+    xw, cdim = channel_view(x)
+    mu, gmax, gmin = _topk.group_extrema(xw, cdim, by_rows)
+    rdim = 2 if cdim == 1 else 1
+    if by_rows:
+        ref_max, ref_min = xw.amax(rdim).t(), xw.amin(rdim).t()
+    else:
+        ref_max, ref_min = ((xw.amax(0), xw.amin(0)) if cdim == 1
+                            else (xw.amax(0).t(), xw.amin(0).t()))
+    assert gmax.shape == ref_max.shape
+    assert torch.equal(gmax, ref_max.float()) and torch.equal(gmin, ref_min.float())
+    torch.testing.assert_close(mu.double(), _per_channel(x.double()).mean(1), rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_bfloat16_and_float16_stores_round_to_nearest_even(kernels) -> None:
+    """The affine's store of float32 results: ties to even, overflow to inf, NaN stays NaN."""
+    C = 8
+    vals = torch.tensor([1.0, 1.00390625, 1.01171875, 70000.0, -70000.0, float("inf"),
+                         float("nan"), -0.0] * 64, dtype=torch.float32).reshape(64, C)
+    ones, zeros = torch.ones(C), torch.zeros(C)
+    for dtype in (torch.bfloat16, torch.float16):
+        # y = (x - 0) * 1 + 0 in float32: exactly the float32 value, then one rounding
+        y = kernels.affine(vals, zeros, ones, zeros)
+        assert torch.equal(y.isnan(), vals.isnan())           # float32: unchanged
+        assert torch.equal(y[~vals.isnan()], vals[~vals.isnan()])
+        xh = vals.to(dtype)
+        yh = kernels.affine(xh, zeros, ones, zeros)
+        assert torch.equal(yh.isnan(), xh.isnan())
+        assert torch.equal(yh[~xh.isnan()], xh[~xh.isnan()])
+        # values off the dtype's grid round like torch's own conversion (ties to even)
+        off = (torch.arange(64 * C, dtype=torch.float32).reshape(64, C) / 7 + 1) * 1.0001
+        scale = torch.full((C,), 3.0)
+        y_off = kernels.affine(off.to(dtype), zeros, scale, zeros)
+        assert torch.equal(y_off, (off.to(dtype).float() * 3.0).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,fmt", CASES, ids=str)
+@pytest.mark.parametrize("layer", ["l1", "linf1", "linf5"])
+def test_layers_with_and_without_the_library_agree(kernels, monkeypatch, shape, fmt, dtype,
+                                                   layer) -> None:
+    """Forward, input and parameter gradients and running statistics: the same up to rounding."""
+    dims = len(shape) - 2
+    cls = {"l1": (L1BatchNorm1d, L1BatchNorm2d, L1BatchNorm3d),
+           "linf1": (LinfBatchNorm1d, LinfBatchNorm2d, LinfBatchNorm3d),
+           "linf5": (LinfBatchNorm1d, LinfBatchNorm2d, LinfBatchNorm3d)}[layer][max(dims, 1) - 1]
+    kw = {"k": 5} if layer == "linf5" else {}
+    x = _input(shape, fmt, dtype)
+    g = _input(shape, fmt, dtype, seed=1, shift=0.0)
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(fused, "_ENABLED", on)
+        torch.manual_seed(3)
+        m = cls(shape[1], **kw).to(dtype)
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_()
+        xx = x.clone().requires_grad_(True)
+        y = m(xx)
+        y.backward(g)
+        results.append((y.detach(), xx.grad, m.weight.grad, m.bias.grad, m.running_mean.clone()))
+        assert y.stride() == x.stride() and xx.grad.stride() == x.stride()
+    rtol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    for got, want in zip(*results):
+        scale = want.double().abs().max().item() + 1e-3
+        assert (got.double() - want.double()).abs().max().item() <= rtol * scale
+
+
+def test_nan_propagates_like_the_native_passes(kernels) -> None:
+    x = _input((4, 16, 12, 12), torch.channels_last, torch.float32)
+    x[1, 3, 5, 5] = float("nan")
+    for cls in (L1BatchNorm2d, LinfBatchNorm2d):
+        y = cls(16)(x)
+        assert y[:, 3].isnan().all()
+        assert not y[:, [0, 1, 2, 4]].isnan().any()
+
+
+def test_half_inputs_near_a_large_mean_keep_exact_signs(kernels) -> None:
+    """x - mu where mu sits between two fp16 neighbours: comparisons in float32 are exact, so
+    the sign sum equals the float64 count (the half path of the native passes needs a scale
+    trick for this)."""
+    base = torch.full((64, 8, 16), 2048.0)
+    base[:, :, ::2] += 2.0                        # fp16 spacing at 2048 is 2
+    x = base.to(torch.float16)
+    mu = kernels.channel_mean(x)
+    assert torch.allclose(mu, torch.full((8,), 2049.0))
+    sign_sum, abs_sum = kernels.l1_sums(x, mu)
+    assert torch.equal(sign_sum, torch.zeros(8))
+    assert torch.equal(abs_sum, torch.full((8,), 64 * 16 * 1.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_elements_equal_to_the_mean_have_sign_zero(kernels, dtype, fmt) -> None:
+    """Ties: sign(0) = 0 in the sums and in the gradient's sign term."""
+    levels = torch.tensor([0.0, 1.0, 1.0, 2.0, 0.5, 1.5])       # mean exactly 1
+    x = torch.stack([levels.roll(c).repeat(120) for c in range(12)])   # (C, N*R), N*R = 720
+    x = x.reshape(12, 8, 9, 10).transpose(0, 1).to(dtype).contiguous(memory_format=fmt)
+    mu = kernels.channel_mean(x)
+    assert torch.equal(mu, torch.ones(12))
+    sign_sum, abs_sum = kernels.l1_sums(x, mu)
+    ref = torch.sign(_per_channel(x.double()) - 1.0)
+    assert torch.equal(sign_sum.double(), ref.sum(1))
+    ones, zeros = torch.ones(12), torch.zeros(12)
+    dx = kernels.l1_input_gradient(torch.zeros_like(x), x, mu, ones, zeros, ones)
+    assert torch.equal(dx.double(), -torch.sign(x.double() - 1.0))
+
+
+def test_unusable_inputs_take_the_native_passes(kernels) -> None:
+    x = torch.randn(4, 8, 6, 6)
+    assert kernels.usable(x) and kernels.usable(x.to(memory_format=torch.channels_last))
+    assert not kernels.usable(x.double())                       # float64: reference path
+    assert not kernels.usable(x[:, :, ::2])                     # not dense
+    assert not kernels.usable(x.permute(0, 1, 3, 2))            # another dense layout
+    assert not kernels.usable(x, x.to(memory_format=torch.channels_last))  # mixed layouts
+    assert not kernels.usable(x, x.half())
+    assert not kernels.usable(torch.randn(8))
+
+
+def test_small_tensors_stay_on_the_native_passes(monkeypatch) -> None:
+    monkeypatch.setattr(fused, "_ENABLED", True)
+    assert not fused.usable(torch.randn(2, 4, 8, 8))            # 512 < MIN_ELEMENTS
+
+
+def test_disabled_means_never_used(monkeypatch) -> None:
+    monkeypatch.setattr(fused, "_ENABLED", False)
+    assert not fused.usable(torch.randn(64, 64, 16, 16))
+    assert "disabled" in fused.status()
+    with pytest.raises(RuntimeError, match="disabled"):
+        fused.channel_mean(torch.randn(64, 64, 16, 16))
+
+
+def test_build_is_cached_and_reused(tmp_path, monkeypatch) -> None:
+    if fused._compiler() is None:
+        pytest.skip("no C++ compiler here")
+    monkeypatch.setenv("NORMSWAP_KERNEL_CACHE", str(tmp_path))
+    lib = fused._build()
+    built = list(tmp_path.glob("normswap_cpu_*.so"))
+    assert len(built) == 1 and lib.ns_openmp() in (0, 1)
+    stamp = built[0].stat().st_mtime_ns
+    fused._build()
+    assert [p.stat().st_mtime_ns for p in tmp_path.glob("normswap_cpu_*.so")] == [stamp]
+    assert not list(tmp_path.glob("*.tmp*")) and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_failed_build_warns_once_and_the_layers_still_run(tmp_path, monkeypatch, caplog
+                                                            ) -> None:
+    monkeypatch.setenv("NORMSWAP_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(fused, "_ENABLED", True)
+    monkeypatch.setattr(fused, "_TRIED", False)
+    monkeypatch.setattr(fused, "_LIB", None)
+    monkeypatch.setattr(fused, "_STATUS", "not built yet")
+    monkeypatch.setattr(fused, "_compiler", lambda: "/bin/false")
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 0)
+    x = _input((8, 16, 10, 10), torch.channels_last, torch.float32)
+    with caplog.at_level(logging.WARNING, logger=fused.__name__):
+        y = L1BatchNorm2d(16)(x)
+        L1BatchNorm2d(16)(x)
+    warnings = [r for r in caplog.records if "fused CPU kernels" in r.getMessage()]
+    assert len(warnings) == 1 and "/bin/false failed" in warnings[0].getMessage()
+    assert fused.status().startswith("unavailable")
+    assert not fused.usable(x)
+    want = F.l1_batch_norm(x.double())[0]
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    assert not list(tmp_path.iterdir())     # the failed build left nothing behind
+
+
+def test_library_threads_follow_torch(kernels) -> None:
+    """The same sums at one thread and at torch's default."""
+    x = _input((16, 24, 20, 20), torch.channels_last, torch.float32)
+    mu = kernels.channel_mean(x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.l1_sums(x, mu)
+    finally:
+        torch.set_num_threads(threads)
+    many = kernels.l1_sums(x, mu)
+    assert torch.equal(one[0], many[0])
+    assert math.isclose(one[1].sum().item(), many[1].sum().item(), rel_tol=1e-6)
