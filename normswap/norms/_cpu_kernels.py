@@ -6,7 +6,7 @@ native BatchNorm. The library in ``_cpu/kernels.cpp`` does each pass in one read
 per-channel sums (``sum x``; ``sum sign(x - mu)`` with ``sum |x - mu|``; ``sum g`` with
 ``sum g*(x - mu)``) and element-wise passes (``(x - mu)*a + b``;
 ``a*g + b - k*sign(x - mu)``) and, for the L-inf layer's top-k selection, the group max/min
-tables with the channel sum in the same pass, for float32/float16/bfloat16 in contiguous and channels_last
+tables with the channel sum in the same pass and, on (N, C) inputs, the top-k itself; for float32/float16/bfloat16 in contiguous and channels_last
 layouts, accumulating in float32 over blocks of 4096 elements and in float64 across blocks.
 
 It has no torch headers: the first call compiles it with the system C++ compiler
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "status", "set_cpu_kernels", "cpu_kernels_enabled", "usable",
-           "channel_mean", "group_extrema", "l1_sums", "gradient_sums", "affine", "l1_input_gradient",
+           "channel_mean", "group_extrema", "topk_rows", "l1_sums", "gradient_sums", "affine", "l1_input_gradient",
            "MIN_ELEMENTS"]
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ _SIGNATURES = {
     "ns_l1_sums": [_int, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _ptr, _int],
     "ns_gradient_sums": [_int, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _ptr, _int],
     "ns_group_extrema": [_int, _ptr, _i64, _i64, _i64, _int, _int, _ptr, _ptr, _ptr, _int],
+    "ns_topk_rows": [_int, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _int],
     "ns_affine": [_int, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int, _int],
     "ns_l1_input_gradient": [_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64,
                              _int, _int],
@@ -111,14 +112,26 @@ def _cache_dir() -> Path:
     candidates.append(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "normswap")
     candidates.append(Path(tempfile.gettempdir()) / f"normswap-{os.getuid()}"
                       if hasattr(os, "getuid") else Path(tempfile.gettempdir()) / "normswap")
+    refused = []
     for path in candidates:
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            if os.access(path, os.W_OK):
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if os.access(path, os.W_OK) and _private(path):
                 return path
+            refused.append(str(path))
         except OSError:
             continue
-    raise OSError("no writable cache directory (set NORMSWAP_KERNEL_CACHE)")
+    raise OSError("no private writable cache directory (owned by this user, not writable by "
+                  f"others; refused: {', '.join(refused) or 'none'}); set NORMSWAP_KERNEL_CACHE")
+
+
+def _private(path: Path) -> bool:
+    """Whether only this user can write ``path``: a library loaded from a directory or file
+    that others can write would run their code."""
+    if not hasattr(os, "getuid"):
+        return True
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def _build() -> Any:
@@ -134,17 +147,21 @@ def _build() -> Any:
                                      _cpu_features().encode()])).hexdigest()[:16]
     target = _cache_dir() / f"normswap_cpu_{key}.so"
     if not target.exists():
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # mode 0600
         os.close(fd)
         try:
             proc = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
                                   text=True, timeout=300)
             if proc.returncode != 0:
                 raise OSError(f"{cxx} failed: {(proc.stderr or proc.stdout).strip()[-800:]}")
+            os.chmod(tmp, 0o755)     # the linker's mode follows the umask
             os.replace(tmp, target)  # atomic: a concurrent build replaces it with the same file
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    if not _private(target):
+        raise OSError(f"{target} is not owned by this user or is writable by others; "
+                      "not loading it (delete it to rebuild)")
     lib = ctypes.CDLL(str(target))
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
@@ -263,6 +280,22 @@ def group_extrema(x: Tensor, by_rows: bool) -> tuple[Tensor, Tensor, Tensor]:
                           torch.get_num_threads())
     mu = (sums / (N * R)).to(torch.float32)
     return (mu, gmax.t(), gmin.t()) if rows_first else (mu, gmax, gmin)
+
+
+def topk_rows(x: Tensor, mu: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per-channel top-k of ``|x - mu|`` of an (N, C) tensor (any (N, C, 1, ...) too): values
+    (C, k) float32 descending and row indices (C, k) int64; ties go to the lower row, a NaN
+    ranks as +inf (its value, NaN, is returned)."""
+    N, C, R, cdim = _layout(x)
+    if R != 1 or not 1 <= k <= N:
+        raise ValueError(f"topk_rows: needs an (N, C) tensor and 1 <= k <= N, got shape "
+                         f"{tuple(x.shape)} and k={k}")
+    m = _vec(mu)
+    vals = torch.empty(C, k)
+    idx = torch.empty(C, k, dtype=torch.int64)
+    _require().ns_topk_rows(_CODES[x.dtype], x.data_ptr(), m.data_ptr(), N, C, k,
+                            vals.data_ptr(), idx.data_ptr(), torch.get_num_threads())
+    return vals, idx
 
 
 def l1_sums(x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:

@@ -329,6 +329,10 @@ def _local_selection(x: Tensor, mu: Tensor | None, k: int, exact: bool, use_comp
         mu = channel_mean(x) if mu is None else mu
         vals, flat = full_topk(xw, cdim, mu, k)
         return mu, vals, flat
+    if R == 1 and by_rows and not use_compiled and fused.usable(x):  # (N, C): one fused pass
+        mu = channel_mean(x) if mu is None else mu
+        vals, rows = fused.topk_rows(x, mu, k)
+        return mu, vals, rows
     if N == 1 and not by_rows:   # each position is its own group: no reduction
         gmax = gmin = xw[0] if cdim == 1 else xw[0].t()
     elif R == 1 and by_rows:     # each batch row is its own group

@@ -129,6 +129,38 @@ def test_group_extrema_equal_amax_amin(kernels, shape, fmt, dtype, by_rows) -> N
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [1, 3, 10, 37])
+@pytest.mark.parametrize("C", [5, 16, 70])
+def test_topk_rows_matches_torch_topk(kernels, dtype, k, C) -> None:
+    x = _input((37, C), torch.contiguous_format, dtype)
+    mu = kernels.channel_mean(x)
+    vals, rows = kernels.topk_rows(x, mu, k)
+    dabs = (x.float() - mu).abs().t()                              # (C, N)
+    ref = dabs.topk(k, dim=1)
+    assert torch.equal(vals, ref.values)                           # same values, descending
+    assert torch.equal(dabs.gather(1, rows), vals)                 # the indices point at them
+    assert all(len(set(r.tolist())) == k for r in rows)            # k distinct rows
+
+
+def test_topk_rows_ties_nan_and_bad_arguments(kernels) -> None:
+    x = torch.zeros(12, 8)
+    x[3:6] = 2.0                     # mean 0.5: |d| = 1.5 on rows 3-5, 0.5 elsewhere (ties)
+    mu = kernels.channel_mean(x)
+    vals, rows = kernels.topk_rows(x, mu, 5)
+    assert torch.equal(rows[0], torch.tensor([3, 4, 5, 0, 1]))    # ties: the lower row first
+    assert torch.equal(vals[0], torch.tensor([1.5, 1.5, 1.5, 0.5, 0.5]))
+    x[7, 2] = float("nan")           # channel 2: mean nan, every |d| nan
+    x[7, 3] = float("inf")           # channel 3: mean inf, |d| nan at row 7, inf elsewhere
+    vals, rows = kernels.topk_rows(x, kernels.channel_mean(x), 2)
+    assert vals[2].isnan().all()                                   # NaN reaches the scale
+    assert not vals[3].isfinite().any() and torch.equal(vals[[0, 1, 4]], vals[[5, 6, 7]])
+    with pytest.raises(ValueError, match="1 <= k <= N"):
+        kernels.topk_rows(x, mu, 13)
+    with pytest.raises(ValueError, match=r"\(N, C\) tensor"):
+        kernels.topk_rows(torch.zeros(4, 8, 3), torch.zeros(8), 2)
+
+
 def test_bfloat16_and_float16_stores_round_to_nearest_even(kernels) -> None:
     """The affine's store of float32 results: ties to even, overflow to inf, NaN stays NaN."""
     C = 8
@@ -258,6 +290,26 @@ def test_build_is_cached_and_reused(tmp_path, monkeypatch) -> None:
     fused._build()
     assert [p.stat().st_mtime_ns for p in tmp_path.glob("normswap_cpu_*.so")] == [stamp]
     assert not list(tmp_path.glob("*.tmp*")) and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_library_others_can_write_is_never_loaded(tmp_path, monkeypatch) -> None:
+    """Loading a shared library runs its code: a cache directory or file that another user can
+    write is refused, with the reason."""
+    if fused._compiler() is None:
+        pytest.skip("no C++ compiler here")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("NORMSWAP_KERNEL_CACHE", str(shared))
+    assert fused._cache_dir() != shared            # falls through to a private directory
+    own = tmp_path / "own"
+    monkeypatch.setenv("NORMSWAP_KERNEL_CACHE", str(own))
+    fused._build()
+    (built,) = own.glob("normswap_cpu_*.so")
+    assert built.stat().st_mode & 0o777 == 0o755
+    built.chmod(0o777)
+    with pytest.raises(OSError, match="writable by others"):
+        fused._build()
 
 
 def test_a_failed_build_warns_once_and_the_layers_still_run(tmp_path, monkeypatch, caplog

@@ -447,6 +447,71 @@ void extrema(const typename L::T* x, int64_t N, int64_t C, int64_t R, int cdim, 
   }
 }
 
+// Top-k of |x - mu| per channel of an (N, C) tensor (rows of C): keys in descending order with
+// their row indices, ties to the lower row. A NaN |x - mu| ranks as +inf (its value, NaN, is
+// what vals returns). vals/idx are (C, k); 1 <= k <= N.
+template <class L>
+void topk_rows(const typename L::T* x, const float* mu, int64_t N, int64_t C, int64_t k,
+               float* vals, int64_t* idx, int nt) {
+  using T = typename L::T;
+  nt = threads_for((C + 7) / 8, nt);
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    int t = omp_get_thread_num();
+#else
+    int t = 0;
+#endif
+    int64_t b0, b1;
+    split((C + 7) / 8, nt, t, &b0, &b1);
+    int64_t c0 = b0 * 8, c1 = b1 * 8 < C ? b1 * 8 : C;
+    int64_t w = c1 - c0;
+    if (w > 0) {
+      std::vector<float> key((size_t)(w * k), -1.f), thr((size_t)w, -1.f);
+      std::vector<int64_t> pos((size_t)(w * k), 0);
+      auto insert = [&](int64_t j, float v, int64_t n) {   // j: channel within the block
+        float* kk = &key[(size_t)(j * k)];
+        int64_t* pp = &pos[(size_t)(j * k)];
+        int64_t i = k - 1;
+        while (i > 0 && kk[i - 1] < v) { kk[i] = kk[i - 1]; pp[i] = pp[i - 1]; --i; }
+        kk[i] = v; pp[i] = n;
+        thr[j] = kk[k - 1];
+      };
+      for (int64_t n = 0; n < N; ++n) {
+        const T* xr = x + n * C;
+        int64_t c = c0;
+#if NS_SIMD
+        const __m256 inf = _mm256_set1_ps(INFINITY);
+        for (; c + 8 <= c1; c += 8) {
+          __m256 a = abs8(_mm256_sub_ps(L::ld8(xr + c), _mm256_loadu_ps(mu + c)));
+          a = _mm256_blendv_ps(a, inf, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+          int mask = _mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_loadu_ps(&thr[c - c0]), _CMP_GT_OQ));
+          if (mask) {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, a);
+            for (int l = 0; l < 8; ++l)
+              if (mask & (1 << l)) insert(c - c0 + l, tmp[l], n);
+          }
+        }
+#endif
+        for (; c < c1; ++c) {
+          float a = fabsf(L::ld1(xr + c) - mu[c]);
+          if (a != a) a = INFINITY;
+          if (a > thr[c - c0]) insert(c - c0, a, n);
+        }
+      }
+      for (int64_t j = 0; j < w; ++j) {
+        int64_t c = c0 + j;
+        for (int64_t i = 0; i < k; ++i) {
+          int64_t n = pos[(size_t)(j * k + i)];
+          vals[c * k + i] = fabsf(L::ld1(x + n * C + c) - mu[c]);   // the value itself (NaN)
+          idx[c * k + i] = n;
+        }
+      }
+    }
+  }
+}
+
 template <int MODE>
 void stats_dispatch(int dt, const void* x, const void* g, const float* mu, int64_t N, int64_t C,
                     int64_t R, int cdim, double* a, double* b, int nt) {
@@ -469,6 +534,13 @@ void extrema_dispatch(int dt, const void* x, int64_t N, int64_t C, int64_t R, in
   if (dt == F32) extrema<LF32>((const float*)x, N, C, R, cdim, by_rows, sum, gmax, gmin, nt);
   else if (dt == F16) extrema<LF16>((const uint16_t*)x, N, C, R, cdim, by_rows, sum, gmax, gmin, nt);
   else extrema<LBF16>((const uint16_t*)x, N, C, R, cdim, by_rows, sum, gmax, gmin, nt);
+}
+
+void topk_dispatch(int dt, const void* x, const float* mu, int64_t N, int64_t C, int64_t k,
+                   float* vals, int64_t* idx, int nt) {
+  if (dt == F32) topk_rows<LF32>((const float*)x, mu, N, C, k, vals, idx, nt);
+  else if (dt == F16) topk_rows<LF16>((const uint16_t*)x, mu, N, C, k, vals, idx, nt);
+  else topk_rows<LBF16>((const uint16_t*)x, mu, N, C, k, vals, idx, nt);
 }
 
 }  // namespace
@@ -520,6 +592,12 @@ void ns_l1_input_gradient(int dt, const void* g, const void* x, void* dx, const 
 void ns_group_extrema(int dt, const void* x, int64_t N, int64_t C, int64_t R, int cdim,
                       int by_rows, double* sum, float* gmax, float* gmin, int nt) {
   extrema_dispatch(dt, x, N, C, R, cdim, by_rows, sum, gmax, gmin, nt);
+}
+
+// Per-channel top-k of |x - mu| of an (N, C) tensor: vals (C, k) descending, idx (C, k) rows.
+void ns_topk_rows(int dt, const void* x, const float* mu, int64_t N, int64_t C, int64_t k,
+                  float* vals, int64_t* idx, int nt) {
+  topk_dispatch(dt, x, mu, N, C, k, vals, idx, nt);
 }
 
 }  // extern "C"
