@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "status", "set_cpu_kernels", "cpu_kernels_enabled", "usable",
-           "channel_mean", "group_extrema", "topk_rows", "l1_sums", "gradient_sums", "affine", "l1_input_gradient",
+           "channel_mean", "group_extrema", "topk_rows", "topk_members", "l1_sums", "gradient_sums", "affine", "l1_input_gradient",
            "MIN_ELEMENTS"]
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ _SIGNATURES = {
     "ns_gradient_sums": [_int, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _ptr, _int],
     "ns_group_extrema": [_int, _ptr, _i64, _i64, _i64, _int, _int, _ptr, _ptr, _ptr, _int],
     "ns_topk_rows": [_int, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _int],
+    "ns_topk_members": [_int, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _i64, _i64, _ptr, _ptr,
+                        _int],
     "ns_affine": [_int, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int, _int],
     "ns_l1_input_gradient": [_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64,
                              _int, _int],
@@ -296,6 +298,26 @@ def topk_rows(x: Tensor, mu: Tensor, k: int) -> tuple[Tensor, Tensor]:
     _require().ns_topk_rows(_CODES[x.dtype], x.data_ptr(), m.data_ptr(), N, C, k,
                             vals.data_ptr(), idx.data_ptr(), torch.get_num_threads())
     return vals, idx
+
+
+def topk_members(x: Tensor, mu: Tensor, groups: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per-channel top-k of ``|x - mu|`` among the elements at positions ``groups`` (C, kg) of
+    every sample: values (C, k) float32 descending, flat ``n*R + r`` indices (C, k) int64."""
+    N, C, R, cdim = _layout(x)
+    kg = groups.shape[1]
+    if groups.shape[0] != C or not 1 <= k <= N * kg:
+        raise ValueError(f"topk_members: groups must be (C, kg) and 1 <= k <= N*kg, got "
+                         f"{tuple(groups.shape)} and k={k} for shape {tuple(x.shape)}")
+    g = groups.to(torch.int64).contiguous()
+    if g.numel() and not 0 <= int(g.min()) <= int(g.max()) < R:
+        raise ValueError(f"topk_members: positions must lie in [0, {R})")
+    m = _vec(mu)
+    vals = torch.empty(C, k)
+    flat = torch.empty(C, k, dtype=torch.int64)
+    _require().ns_topk_members(_CODES[x.dtype], x.data_ptr(), m.data_ptr(), N, C, R, cdim,
+                               g.data_ptr(), kg, k, vals.data_ptr(), flat.data_ptr(),
+                               torch.get_num_threads())
+    return vals, flat
 
 
 def l1_sums(x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:

@@ -75,6 +75,10 @@ def select_topk(xw: Tensor, cdim: int, mu: Tensor, k: int,
         gabs = gabs.contiguous()  # (C, N) from a transposed view; topk is ~3x faster on rows
     if by_rows and R == 1:  # every group is one element: the groups are the answer
         return gabs.topk(k, dim=1)
+    if not by_rows and mu.dtype == torch.float32 and fused.usable(_as_nc(xw, cdim)):
+        # fused: the k best positions, then the top-k among their N*k members, one pass each
+        top_g = fused.topk_rows(gabs.t().contiguous(), torch.zeros_like(mu), k)[1]
+        return fused.topk_members(_as_nc(xw, cdim), mu, top_g, k)
     top_g = gabs.topk(k, dim=1).indices                      # (C, k) best groups per channel
     c_i = torch.arange(C, device=xw.device)[:, None]
     if by_rows:      # groups are batch rows: members (C, k, R)

@@ -512,6 +512,52 @@ void topk_rows(const typename L::T* x, const float* mu, int64_t N, int64_t C, in
   }
 }
 
+// Top-k of |x - mu| per channel among the elements at k' chosen positions of every sample (the
+// members of the L-inf layer's candidate groups): groups (C, kg) int64 positions r; vals (C, k)
+// descending, flat (C, k) = n * R + r. Ties to the lower (n, group slot); NaN ranks as +inf.
+template <class L>
+void topk_members(const typename L::T* x, const float* mu, int64_t N, int64_t C, int64_t R,
+                  int cdim, const int64_t* groups, int64_t kg, int64_t k, float* vals,
+                  int64_t* flat, int nt) {
+  nt = threads_for(C, nt);
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    int t = omp_get_thread_num();
+#else
+    int t = 0;
+#endif
+    int64_t c0, c1;
+    split(C, nt, t, &c0, &c1);
+    std::vector<float> key((size_t)k);
+    std::vector<int64_t> pos((size_t)k);
+    for (int64_t c = c0; c < c1; ++c) {
+      std::fill(key.begin(), key.end(), -1.f);
+      const int64_t* g = groups + c * kg;
+      float m = mu[c];
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t j = 0; j < kg; ++j) {
+          int64_t r = g[j];
+          int64_t off = cdim == 2 ? (n * R + r) * C + c : (n * C + c) * R + r;
+          float a = fabsf(L::ld1(x + off) - m);
+          if (a != a) a = INFINITY;
+          if (a > key[k - 1]) {
+            int64_t i = k - 1;
+            while (i > 0 && key[i - 1] < a) { key[i] = key[i - 1]; pos[i] = pos[i - 1]; --i; }
+            key[i] = a; pos[i] = n * R + r;
+          }
+        }
+      }
+      for (int64_t i = 0; i < k; ++i) {
+        int64_t f = pos[i], n = f / R, r = f % R;
+        int64_t off = cdim == 2 ? (n * R + r) * C + c : (n * C + c) * R + r;
+        vals[c * k + i] = fabsf(L::ld1(x + off) - m);
+        flat[c * k + i] = f;
+      }
+    }
+  }
+}
+
 template <int MODE>
 void stats_dispatch(int dt, const void* x, const void* g, const float* mu, int64_t N, int64_t C,
                     int64_t R, int cdim, double* a, double* b, int nt) {
@@ -541,6 +587,14 @@ void topk_dispatch(int dt, const void* x, const float* mu, int64_t N, int64_t C,
   if (dt == F32) topk_rows<LF32>((const float*)x, mu, N, C, k, vals, idx, nt);
   else if (dt == F16) topk_rows<LF16>((const uint16_t*)x, mu, N, C, k, vals, idx, nt);
   else topk_rows<LBF16>((const uint16_t*)x, mu, N, C, k, vals, idx, nt);
+}
+
+void members_dispatch(int dt, const void* x, const float* mu, int64_t N, int64_t C, int64_t R,
+                      int cdim, const int64_t* groups, int64_t kg, int64_t k, float* vals,
+                      int64_t* flat, int nt) {
+  if (dt == F32) topk_members<LF32>((const float*)x, mu, N, C, R, cdim, groups, kg, k, vals, flat, nt);
+  else if (dt == F16) topk_members<LF16>((const uint16_t*)x, mu, N, C, R, cdim, groups, kg, k, vals, flat, nt);
+  else topk_members<LBF16>((const uint16_t*)x, mu, N, C, R, cdim, groups, kg, k, vals, flat, nt);
 }
 
 }  // namespace
@@ -598,6 +652,14 @@ void ns_group_extrema(int dt, const void* x, int64_t N, int64_t C, int64_t R, in
 void ns_topk_rows(int dt, const void* x, const float* mu, int64_t N, int64_t C, int64_t k,
                   float* vals, int64_t* idx, int nt) {
   topk_dispatch(dt, x, mu, N, C, k, vals, idx, nt);
+}
+
+// Per-channel top-k of |x - mu| over the elements at the positions groups (C, kg) of every
+// sample: vals (C, k) descending, flat (C, k) = n * R + r; 1 <= k <= N * kg.
+void ns_topk_members(int dt, const void* x, const float* mu, int64_t N, int64_t C, int64_t R,
+                     int cdim, const int64_t* groups, int64_t kg, int64_t k, float* vals,
+                     int64_t* flat, int nt) {
+  members_dispatch(dt, x, mu, N, C, R, cdim, groups, kg, k, vals, flat, nt);
 }
 
 }  // extern "C"
