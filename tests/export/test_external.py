@@ -78,3 +78,31 @@ def test_external_data_with_auto_search(tmp_path: Path) -> None:
     got = _run(path, x)
     assert np.isfinite(got).all()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_cpu_validation_runs_each_weight_cast_next_to_its_consumer(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """The ORT CPU check uses the priority-based execution order (ORT's default order casts
+    every fp16 weight to fp32 before the first layer: all the fp32 copies alive at once), and
+    falls back to the default order where a session refuses it."""
+    made: list[ort.ExecutionOrder] = []
+    real = ort.InferenceSession
+    refuse = {"priority": True}
+
+    def spy(source, opts=None, *args, **kwargs):
+        made.append(opts.execution_order)
+        if refuse["priority"] and opts.execution_order == ort.ExecutionOrder.PRIORITY_BASED:
+            raise RuntimeError("this build refuses the priority-based order")
+        return real(source, opts, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    model, x = _mlp(), torch.randn(4, 32)
+    report = export_onnx(model, x, tmp_path / "a.onnx", fp16=True,
+                         external_data_threshold=10_000)
+    assert report.passed is True
+    assert made[-2:] == [ort.ExecutionOrder.PRIORITY_BASED, ort.ExecutionOrder.DEFAULT]
+    refuse["priority"] = False
+    made.clear()
+    report = export_onnx(model, x, tmp_path / "b.onnx", fp16=True)
+    assert report.passed is True
+    assert made[-1] == ort.ExecutionOrder.PRIORITY_BASED     # the last session: the CPU check
