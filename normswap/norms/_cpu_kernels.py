@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "status", "set_cpu_kernels", "cpu_kernels_enabled", "usable",
-           "channel_mean", "group_extrema", "topk_rows", "topk_members", "l1_sums", "gradient_sums", "affine", "l1_input_gradient",
+           "channel_mean", "group_extrema", "topk_rows", "topk_abs", "topk_members", "l1_sums", "gradient_sums", "affine", "l1_input_gradient",
            "MIN_ELEMENTS"]
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ _SIGNATURES = {
     "ns_topk_rows": [_int, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _int],
     "ns_topk_members": [_int, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _i64, _i64, _ptr, _ptr,
                         _int],
+    "ns_topk_planes": [_int, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _int],
     "ns_affine": [_int, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int, _int],
     "ns_l1_input_gradient": [_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64,
                              _int, _int],
@@ -297,6 +298,26 @@ def topk_rows(x: Tensor, mu: Tensor, k: int) -> tuple[Tensor, Tensor]:
     idx = torch.empty(C, k, dtype=torch.int64)
     _require().ns_topk_rows(_CODES[x.dtype], x.data_ptr(), m.data_ptr(), N, C, k,
                             vals.data_ptr(), idx.data_ptr(), torch.get_num_threads())
+    return vals, idx
+
+
+def topk_abs(x: Tensor, mu: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per-channel top-k of ``|x - mu|`` over all of x's ``N*R`` elements of a channel, in one
+    pass: values (C, k) float32 descending, flat ``n*R + r`` indices (C, k) int64; ties go to
+    the lower index, a NaN ranks as +inf. The work is one compare per element plus one
+    insertion into a k-list per new candidate (about ``k*ln(n/k)`` on shuffled data, at most
+    ``n`` on data whose ``|x - mu|`` grows along memory)."""
+    N, C, R, cdim = _layout(x)
+    if not 1 <= k <= N * R:
+        raise ValueError(f"topk_abs: needs 1 <= k <= N*R, got k={k} for shape {tuple(x.shape)}")
+    if cdim == 2:
+        vals, rows = topk_rows(x if R == 1 else x.movedim(1, -1).reshape(N * R, C), mu, k)
+        return vals, rows
+    m = _vec(mu)
+    vals = torch.empty(C, k)
+    idx = torch.empty(C, k, dtype=torch.int64)
+    _require().ns_topk_planes(_CODES[x.dtype], x.data_ptr(), m.data_ptr(), N, C, R, k,
+                              vals.data_ptr(), idx.data_ptr(), torch.get_num_threads())
     return vals, idx
 
 

@@ -318,6 +318,11 @@ def l1_batch_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None =
 # ---------------------------------------------------------------------------------------------
 # L-inf / top-k
 # ---------------------------------------------------------------------------------------------
+_DIRECT_TOPK_BATCH = 16
+"""Up to this batch size the fused L-inf selection ranks the elements directly (no group
+tables): measured faster there, from 1x64x56x56 to 16x256x14x14, in both layouts."""
+
+
 def _local_selection(x: Tensor, mu: Tensor | None, k: int, exact: bool, use_compiled: bool
                      ) -> tuple[Tensor, Tensor, Tensor]:
     """(mu, values (C, k), flat n*R + r indices (C, k)) of this batch's top-k of ``|x - mu|``
@@ -329,10 +334,13 @@ def _local_selection(x: Tensor, mu: Tensor | None, k: int, exact: bool, use_comp
         mu = channel_mean(x) if mu is None else mu
         vals, flat = full_topk(xw, cdim, mu, k)
         return mu, vals, flat
-    if R == 1 and by_rows and not use_compiled and fused.usable(x):  # (N, C): one fused pass
+    if ((R == 1 or N <= _DIRECT_TOPK_BATCH) and by_rows is not None and not use_compiled
+            and fused.usable(x)):
+        # (N, C) inputs and small batches: the group tables would hold as many values as the
+        # tensor itself; one fused top-k pass over the elements instead
         mu = channel_mean(x) if mu is None else mu
-        vals, rows = fused.topk_rows(x, mu, k)
-        return mu, vals, rows
+        vals, flat = fused.topk_abs(x, mu, k)
+        return mu, vals, flat
     if N == 1 and not by_rows:   # each position is its own group: no reduction
         gmax = gmin = xw[0] if cdim == 1 else xw[0].t()
     elif R == 1 and by_rows:     # each batch row is its own group

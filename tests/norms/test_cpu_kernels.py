@@ -183,6 +183,32 @@ def test_linf_selection_with_and_without_the_library_is_the_same_set(kernels, mo
         assert torch.equal(got[0][1], got[1][1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,fmt", CASES, ids=str)
+@pytest.mark.parametrize("k", [1, 6])
+def test_topk_abs_matches_torch_topk(kernels, shape, fmt, dtype, k) -> None:
+    x = _input(shape, fmt, dtype)
+    mu = kernels.channel_mean(x)
+    vals, flat = kernels.topk_abs(x, mu, k)
+    dabs = (_per_channel(x.float()) - mu[:, None]).abs()          # (C, n), n = N*R
+    ref = dabs.topk(k, dim=1)
+    assert torch.equal(vals, ref.values)
+    assert torch.equal(dabs.gather(1, flat), vals)
+    assert all(len(set(r.tolist())) == k for r in flat)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_topk_abs_on_a_ramp_inserts_every_element_and_stays_exact(kernels, fmt) -> None:
+    """|x - mu| growing along memory: every element is a new candidate (the worst case)."""
+    x = torch.arange(2 * 3 * 40 * 40, dtype=torch.float32).reshape(2, 3, 40, 40)
+    x = x.contiguous(memory_format=fmt)
+    mu = torch.full((3,), -1.0)
+    vals, flat = kernels.topk_abs(x, mu, 9)
+    dabs = (_per_channel(x) + 1.0).abs()
+    assert torch.equal(vals, dabs.topk(9, dim=1).values)
+    assert torch.equal(dabs.gather(1, flat), vals)
+
+
 def test_topk_rows_ties_nan_and_bad_arguments(kernels) -> None:
     x = torch.zeros(12, 8)
     x[3:6] = 2.0                     # mean 0.5: |d| = 1.5 on rows 3-5, 0.5 elsewhere (ties)

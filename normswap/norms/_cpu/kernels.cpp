@@ -490,7 +490,7 @@ void topk_rows(const typename L::T* x, const float* mu, int64_t N, int64_t C, in
             float tmp[8];
             _mm256_storeu_ps(tmp, a);
             for (int l = 0; l < 8; ++l)
-              if (mask & (1 << l)) insert(c - c0 + l, tmp[l], n);
+              if (mask & (1 << l)) insert(c - c0 + l, tmp[l], n);   // lanes: other channels
           }
         }
 #endif
@@ -558,6 +558,65 @@ void topk_members(const typename L::T* x, const float* mu, int64_t N, int64_t C,
   }
 }
 
+// Top-k of |x - mu| per channel of an (N, C, R) tensor of planes (cdim == 1): keys in
+// descending order with their flat indices n * R + r, ties to the lower index, NaN as +inf.
+template <class L>
+void topk_planes(const typename L::T* x, const float* mu, int64_t N, int64_t C, int64_t R,
+                 int64_t k, float* vals, int64_t* idx, int nt) {
+  nt = threads_for(C, nt);
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    int t = omp_get_thread_num();
+#else
+    int t = 0;
+#endif
+    int64_t c0, c1;
+    split(C, nt, t, &c0, &c1);
+    std::vector<float> key((size_t)k);
+    std::vector<int64_t> pos((size_t)k);
+    for (int64_t c = c0; c < c1; ++c) {
+      std::fill(key.begin(), key.end(), -1.f);
+      std::fill(pos.begin(), pos.end(), 0);
+      float m = mu[c], thr = -1.f;
+      auto insert = [&](float v, int64_t f) {
+        int64_t i = k - 1;
+        while (i > 0 && key[i - 1] < v) { key[i] = key[i - 1]; pos[i] = pos[i - 1]; --i; }
+        key[i] = v; pos[i] = f;
+        thr = key[k - 1];
+      };
+      for (int64_t n = 0; n < N; ++n) {
+        const typename L::T* xp = x + (n * C + c) * R;
+        int64_t j = 0;
+#if NS_SIMD
+        const __m256 mv = _mm256_set1_ps(m), inf = _mm256_set1_ps(INFINITY);
+        for (; j + 8 <= R; j += 8) {
+          __m256 a = abs8(_mm256_sub_ps(L::ld8(xp + j), mv));
+          a = _mm256_blendv_ps(a, inf, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+          int mask = _mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_set1_ps(thr), _CMP_GT_OQ));
+          if (mask) {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, a);
+            for (int l = 0; l < 8; ++l)
+              if ((mask & (1 << l)) && tmp[l] > thr) insert(tmp[l], n * R + j + l);
+          }
+        }
+#endif
+        for (; j < R; ++j) {
+          float a = fabsf(L::ld1(xp + j) - m);
+          if (a != a) a = INFINITY;
+          if (a > thr) insert(a, n * R + j);
+        }
+      }
+      for (int64_t i = 0; i < k; ++i) {
+        int64_t f = pos[i];
+        vals[c * k + i] = fabsf(L::ld1(x + ((f / R) * C + c) * R + f % R) - m);
+        idx[c * k + i] = f;
+      }
+    }
+  }
+}
+
 template <int MODE>
 void stats_dispatch(int dt, const void* x, const void* g, const float* mu, int64_t N, int64_t C,
                     int64_t R, int cdim, double* a, double* b, int nt) {
@@ -595,6 +654,13 @@ void members_dispatch(int dt, const void* x, const float* mu, int64_t N, int64_t
   if (dt == F32) topk_members<LF32>((const float*)x, mu, N, C, R, cdim, groups, kg, k, vals, flat, nt);
   else if (dt == F16) topk_members<LF16>((const uint16_t*)x, mu, N, C, R, cdim, groups, kg, k, vals, flat, nt);
   else topk_members<LBF16>((const uint16_t*)x, mu, N, C, R, cdim, groups, kg, k, vals, flat, nt);
+}
+
+void planes_dispatch(int dt, const void* x, const float* mu, int64_t N, int64_t C, int64_t R,
+                     int64_t k, float* vals, int64_t* idx, int nt) {
+  if (dt == F32) topk_planes<LF32>((const float*)x, mu, N, C, R, k, vals, idx, nt);
+  else if (dt == F16) topk_planes<LF16>((const uint16_t*)x, mu, N, C, R, k, vals, idx, nt);
+  else topk_planes<LBF16>((const uint16_t*)x, mu, N, C, R, k, vals, idx, nt);
 }
 
 }  // namespace
@@ -660,6 +726,13 @@ void ns_topk_members(int dt, const void* x, const float* mu, int64_t N, int64_t 
                      int cdim, const int64_t* groups, int64_t kg, int64_t k, float* vals,
                      int64_t* flat, int nt) {
   members_dispatch(dt, x, mu, N, C, R, cdim, groups, kg, k, vals, flat, nt);
+}
+
+// Per-channel top-k of |x - mu| of an (N, C, R) tensor of planes: vals (C, k) descending,
+// idx (C, k) flat n * R + r; 1 <= k <= N * R.
+void ns_topk_planes(int dt, const void* x, const float* mu, int64_t N, int64_t C, int64_t R,
+                    int64_t k, float* vals, int64_t* idx, int nt) {
+  planes_dispatch(dt, x, mu, N, C, R, k, vals, idx, nt);
 }
 
 }  // extern "C"
