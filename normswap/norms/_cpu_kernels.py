@@ -155,8 +155,13 @@ def _build() -> Any:
         try:
             proc = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
                                   text=True, timeout=300)
-            if proc.returncode != 0:
-                raise OSError(f"{cxx} failed: {(proc.stderr or proc.stdout).strip()[-800:]}")
+            if proc.returncode != 0:   # e.g. Apple clang: no OpenMP; then single-threaded
+                serial = [f for f in FLAGS if f != "-fopenmp"]
+                retry = subprocess.run([cxx, *serial, "-o", tmp, str(SOURCE)],
+                                       capture_output=True, text=True, timeout=300)
+                if retry.returncode != 0:
+                    raise OSError(f"{cxx} failed: "
+                                  f"{(proc.stderr or proc.stdout).strip()[-800:]}")
             os.chmod(tmp, 0o755)     # the linker's mode follows the umask
             os.replace(tmp, target)  # atomic: a concurrent build replaces it with the same file
         finally:

@@ -411,6 +411,22 @@ def test_a_failed_build_warns_once_and_the_layers_still_run(tmp_path, monkeypatc
     assert not list(tmp_path.iterdir())     # the failed build left nothing behind
 
 
+def test_a_compiler_without_openmp_builds_a_single_threaded_library(tmp_path, monkeypatch
+                                                                    ) -> None:
+    cxx = fused._compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler here")
+    wrapper = tmp_path / "cxx-no-openmp"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && '
+                       f'{{ echo "unsupported option -fopenmp" >&2; exit 1; }}; done\n'
+                       f'exec {cxx} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(fused, "_compiler", lambda: str(wrapper))
+    monkeypatch.setenv("NORMSWAP_KERNEL_CACHE", str(tmp_path / "cache"))
+    lib = fused._build()
+    assert lib.ns_openmp() == 0 and lib.ns_simd() in (0, 1)
+
+
 def test_library_threads_follow_torch(kernels) -> None:
     """The same sums at one thread and at torch's default."""
     x = _input((16, 24, 20, 20), torch.channels_last, torch.float32)
