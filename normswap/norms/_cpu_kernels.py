@@ -230,11 +230,13 @@ def _dims(x: Tensor) -> tuple[int, int, int, int] | None:
 
 def usable(*tensors: Tensor) -> bool:
     """Whether the fused passes take these tensors: CPU, float32/float16/bfloat16, one shared
-    dense layout, at least :data:`MIN_ELEMENTS` elements, outside tracing and compilation."""
+    dense layout, at least :data:`MIN_ELEMENTS` elements, outside ``torch.compile`` and
+    ``torch.jit.trace``."""
     x = tensors[0]
     if not _ENABLED or x.device.type != "cpu" or x.dtype not in _CODES:
         return False
-    if x.numel() < MIN_ELEMENTS or x.dim() < 2 or torch.compiler.is_compiling():
+    if (x.numel() < MIN_ELEMENTS or x.dim() < 2 or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()):   # a trace would record no op for a foreign call
         return False
     if any(t.dtype != x.dtype or t.stride() != x.stride() or t.device != x.device
            or t.shape != x.shape for t in tensors[1:]):

@@ -355,9 +355,12 @@ def _local_selection(x: Tensor, mu: Tensor | None, k: int, exact: bool, use_comp
     return mu, vals, flat
 
 
-def _index_dtype(x: Tensor) -> torch.dtype:
-    """int32 for the saved selection when every flat index fits, else int64."""
-    return torch.int32 if x.numel() < 2 ** 31 else torch.int64
+def _index_dtype(bound: int) -> torch.dtype:
+    """The smallest integer dtype the saved selection's indices (all ``< bound``) fit in."""
+    for dtype, top in ((torch.uint8, 2 ** 8), (torch.int16, 2 ** 15), (torch.int32, 2 ** 31)):
+        if bound <= top:
+            return dtype
+    return torch.int64
 
 
 class _LinfBatchNormFn(torch.autograd.Function):
@@ -378,7 +381,7 @@ class _LinfBatchNormFn(torch.autograd.Function):
             k = max(1, min(int(k), n))
             mu, vals, flat = _local_selection(x, None, k, exact_topk, use_compiled)
             top_sum = vals.sum(1)
-            index = (torch.arange(C, device=x.device)[:, None] * n + flat).reshape(-1)
+            index = flat               # (C, k) positions within each channel's n elements
             sign_sum = None
         else:
             mu, n = _global_mean(x, acc, reducer, "LinfBatchNorm")
@@ -393,7 +396,11 @@ class _LinfBatchNormFn(torch.autograd.Function):
                 "affine", compiled.affine, xw, cdim, mu, w / s, b), x, cdim))
         else:
             y = channel_affine(x, mu, w / s, b)
-        saved = [x, weight, mu, s, index.to(_index_dtype(x))]
+        # the selection as (C, k) positions within a channel (local batch: the smallest dtype
+        # they fit in, one byte each up to 256 elements per channel) or, reduced, as flat
+        # c * n_local + j indices of the elements held here
+        bound = n if reducer is None else x.numel()
+        saved = [x, weight, mu, s, index.to(_index_dtype(bound))]
         if sign_sum is not None:
             saved.append(sign_sum)
         ctx.save_for_backward(*saved)
@@ -419,9 +426,14 @@ class _LinfBatchNormFn(torch.autograd.Function):
             sum_g, sum_gd = total[:C], total[C:]
         xw, cdim = channel_view(x)
         _, R = view_batch_and_positions(xw, cdim)
+        local = index.dim() == 2
         index = index.long()
         n_local = x.numel() // C
-        c_i, flat = index // n_local, index % n_local
+        if local:                      # (C, k) positions within each channel
+            c_i = torch.arange(C, device=x.device).repeat_interleave(index.shape[1])
+            flat = index.reshape(-1)
+        else:
+            c_i, flat = index // n_local, index % n_local
         idx = view_index(cdim, flat // R, c_i, flat % R)
         sel_sign = torch.sign(xw[idx].to(mu.dtype) - mu[c_i])
         sign_sum = rest[0] if rest else sel_sign.reshape(C, -1).sum(1)

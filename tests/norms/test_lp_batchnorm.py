@@ -582,3 +582,38 @@ def test_tiled_passes_match_reference(monkeypatch: pytest.MonkeyPatch, dtype: to
     for got, exp in zip(grads, want):
         scale = exp.abs().max().clamp_min(1.0)
         assert_close(got.double() / scale, exp / scale, rtol=0, atol=tol)
+
+
+def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes one train forward saves for backward (unique storages)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("shape,k,limit", [
+    ((256, 64), 1, 1.0), ((256, 64), 8, 1.0),            # <= 256 per channel: uint8 positions
+    ((8, 64, 16, 16), 4, 1.0), ((8, 64, 16, 16), 10, 1.002),   # int16 positions
+    ((256, 2048), 10, 1.003),
+])
+def test_linf_saves_no_more_for_backward_than_batchnorm(shape, k, limit) -> None:
+    """Native BN saves x and five per-channel vectors; L-inf saves x, three, and its k selected
+    positions per channel in the smallest integer type they fit in."""
+    x = torch.randn(shape, requires_grad=True)
+    bn = (nn.BatchNorm1d if len(shape) == 2 else nn.BatchNorm2d)(shape[1])
+    linf = (LinfBatchNorm1d if len(shape) == 2 else LinfBatchNorm2d)(shape[1], k=k)
+    ratio = _saved_bytes(linf, x) / _saved_bytes(bn, x)
+    assert ratio <= limit, ratio
+    y = linf(x)                                    # and the backward still matches the formula
+    y.backward(torch.ones_like(y).mul_(torch.arange(y.numel()).reshape(y.shape) % 7))
+    ref_x = x.detach().double().requires_grad_(True)
+    ref = linf_reference(ref_x, linf.weight.double(), linf.bias.double(), linf.eps, k)
+    ref.backward(torch.ones_like(ref).mul_(torch.arange(ref.numel()).reshape(ref.shape) % 7))
+    assert_close(x.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-5)
