@@ -223,9 +223,17 @@ def _dims(x: Tensor) -> tuple[int, int, int, int] | None:
     R = x.numel() // max(1, N * C)
     if x.is_contiguous():
         return N, C, R, (2 if R == 1 else 1)  # (N, C): rows of C channels
-    if x.dim() >= 3 and x.movedim(1, -1).is_contiguous():
-        return N, C, R, 2
-    return None
+    if x.dim() < 3:
+        return None
+    # channels innermost (channels_last and its 1-d/3-d kin): from the strides, no view built;
+    # size-1 dims may have any stride, as in is_contiguous
+    shape, strides = x.shape, x.stride()
+    expected = 1
+    for d in (1, *range(x.dim() - 1, 1, -1), 0):
+        if shape[d] != 1 and strides[d] != expected:
+            return None
+        expected *= shape[d]
+    return N, C, R, 2
 
 
 def usable(*tensors: Tensor) -> bool:
@@ -256,6 +264,8 @@ def _require() -> Any:
 
 
 def _vec(v: Tensor) -> Tensor:
+    if v.dtype == torch.float32 and not v.requires_grad and v.is_contiguous():
+        return v
     return v.detach().to(torch.float32).contiguous()
 
 
