@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from normswap.norms import _cpu_kernels as fused
 from normswap.norms import _functional as F
@@ -480,3 +482,62 @@ def test_a_converted_resnet_trains_like_its_float64_self(kernels, monkeypatch, m
         for a, b in zip(got[1:], ref[1:]):
             cos = torch.nn.functional.cosine_similarity(a.double().flatten(), b.flatten(), dim=0)
             assert cos.item() >= 0.9999, (on, tuple(b.shape), cos.item())
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_shapes_layouts_and_k_agree_with_the_native_passes(kernels, monkeypatch, data
+                                                                  ) -> None:
+    """Hypothesis: any (N, C, *) shape, layout, dtype and k (N = 1, C = 1, one position, k = n
+    included): the layers with the library give the native passes' forward, the same scale
+    and, away from elements tied at the k-th value, the same input gradient."""
+    dims = data.draw(st.integers(0, 3), label="spatial dims")
+    N = data.draw(st.integers(1, 9), label="N")
+    C = data.draw(st.integers(1, 19), label="C")
+    spatial = [data.draw(st.integers(1, 7), label=f"s{i}") for i in range(dims)]
+    shape = (N, C, *spatial)
+    n = N * math.prod(spatial)
+    if n < 2:
+        return
+    fmt = torch.contiguous_format
+    if dims in (2, 3) and data.draw(st.booleans(), label="channels_last"):
+        fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    layer = data.draw(st.sampled_from(["l1", "linf"]), label="layer")
+    k = data.draw(st.integers(1, min(n, 12)), label="k")
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    x = _input(shape, fmt, dtype, seed=seed)
+    g = _input(shape, fmt, dtype, seed=seed + 1, shift=0.0)
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(fused, "_ENABLED", on)
+        xx = x.clone().requires_grad_(True)
+        if layer == "l1":
+            y, mu, s_raw = F.l1_batch_norm(xx)
+        else:
+            y, mu, s_raw = F.linf_batch_norm(xx, k=k)
+        y.backward(g)
+        results.append((y.detach().double(), s_raw.double(), xx.grad.double()))
+    (y1, s1, g1), (y0, s0, g0) = results
+    # a channel whose spread is tiny next to its values (two nearly equal elements) is
+    # ill-conditioned for both paths alike: x - mu loses its digits to the mean's rounding
+    assume(s0.min().item() > 1e-3 * x.double().abs().max().item())
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    torch.testing.assert_close(s1, s0, rtol=tol, atol=tol)
+    assert (y1 - y0).abs().max().item() <= tol * (y0.abs().max().item() + 1)
+    # elements whose sign or selection may legitimately differ: within rounding of the mean
+    # (L1: the sign) or of the k-th largest |x - mu| (L-inf: the tie set)
+    view = (1, C) + (1,) * dims
+    d = (x.double() - _per_channel(x.double()).mean(1).reshape(view)).abs()
+    if layer == "l1":
+        keep = d > tol * (1 + d.amax())
+    else:
+        kth = _per_channel(d).topk(min(k, n), dim=1).values[:, -1].reshape(view)
+        keep = (d - kth).abs() > tol * (1 + kth)
+    # a flip moves the per-channel constant of the gradient by O(kappa/n): compare loosely
+    # (the alpha * grad term sets the rounding scale: a gradient that cancels to ~0, as for
+    # n = 2, is compared at that scale)
+    alpha_g = (g.double().abs().max() / s0.min().clamp_min(1e-30)).item()
+    scale = g0.abs().max().item()
+    assert ((g1 - g0).abs()[keep] <= 0.05 * scale + tol * alpha_g).all()
