@@ -24,7 +24,7 @@ from onnx import ModelProto, TensorProto, helper
 from .._fs import TEMP_MARK, check_output_paths
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "data_file_name", "estimated_size", "staging_dir",
-           "save_external", "move_into_place"]
+           "save_external", "move_into_place", "write_inline"]
 
 #: Default size above which a model is written with external data: protobuf's 2 GiB limit
 #: minus a 64 MiB margin for the graph itself.
@@ -122,3 +122,96 @@ def move_into_place(staged_model: Path, staged_data: Path, target: Path, *,
         os.replace(staged_data, data_target)
     os.replace(staged_model, target)
     return data_target if has_data else None
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+_GRAPH_FIELD = 7        # ModelProto.graph
+_INITIALIZER_FIELD = 5  # GraphProto.initializer
+_RAW_DATA_FIELD = 9     # TensorProto.raw_data
+
+
+def _field(number: int, length: int) -> bytes:
+    """The tag and length prefix of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def write_inline(model: ModelProto, base_dir: str | os.PathLike[str], fh, *,
+                 chunk: int = 64 * 2 ** 20) -> int:
+    """Write ``model`` (saved with external data, loaded without it) to ``fh`` as one
+    self-contained ONNX file, streaming each weight from its data file: the bytes protobuf would
+    serialise for the model with the weights loaded (field order aside), without holding them.
+
+    Every external tensor must be a top-level initializer (ValueError otherwise: use
+    ``onnx.load`` and serialise instead).
+
+    Returns:
+        The number of bytes written.
+    """
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    inits = list(model.graph.initializer)
+    external_ids = {id(t) for t in inits if uses_external_data(t)}
+    if any(uses_external_data(t) and id(t) not in external_ids
+           for t in _get_all_tensors(model)):
+        raise ValueError("an external tensor outside the top-level initializers")
+    entries = []            # (header bytes of the tensor, data path, offset, length)
+    for t in inits:
+        if id(t) not in external_ids:
+            entries.append((t.SerializeToString(), None, 0, 0))
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        meta = TensorProto()
+        meta.CopyFrom(t)
+        meta.ClearField("external_data")
+        meta.ClearField("data_location")
+        count = int(np.prod(t.dims, dtype=np.int64))
+        length = int(info.get("length", count * helper.tensor_dtype_to_np_dtype(
+            t.data_type).itemsize))
+        entries.append((meta.SerializeToString(), os.path.join(base_dir, info["location"]),
+                        int(info.get("offset", 0)), length))
+    rest = ModelProto()
+    rest.CopyFrom(model)
+    rest.graph.ClearField("initializer")
+    graph_rest = rest.graph.SerializeToString()
+    rest.ClearField("graph")
+    tensors = []
+    for header, path, offset, length in entries:
+        body = len(header) + (len(_field(_RAW_DATA_FIELD, length)) + length if path else 0)
+        tensors.append((header, path, offset, length, body))
+    graph_len = len(graph_rest) + sum(len(_field(_INITIALIZER_FIELD, b)) + b
+                                      for *_, b in tensors)
+    written = 0
+    for part in (rest.SerializeToString(), _field(_GRAPH_FIELD, graph_len), graph_rest):
+        fh.write(part)
+        written += len(part)
+    for header, path, offset, length, body in tensors:
+        head = _field(_INITIALIZER_FIELD, body) + header
+        fh.write(head)
+        written += len(head)
+        if path is None:
+            continue
+        prefix = _field(_RAW_DATA_FIELD, length)
+        fh.write(prefix)
+        written += len(prefix)
+        with open(path, "rb") as src:
+            src.seek(offset)
+            left = length
+            while left:
+                block = src.read(min(chunk, left))
+                if not block:
+                    raise ValueError(f"{path}: shorter than its tensors say")
+                fh.write(block)
+                left -= len(block)
+        written += length
+    return written

@@ -19,7 +19,10 @@ Nothing is written until the model is built, checked (``onnx.checker.check_model
 ``validate`` and ``strict``, validated; the write is atomic and an existing file is only
 replaced with ``force=True``. A model larger than ``external_data_threshold`` (default: 2 GiB
 minus a margin, protobuf's limit) is written as ``NAME.onnx`` + ``NAME.onnx.data``
-(:mod:`normswap.export._external`).
+(:mod:`normswap.export._external`). A model larger than ``stream_threshold`` (default 512 MiB)
+but within that limit goes through the same external-data files while it is converted and
+validated, so that no step holds more than one copy of its weights, and is written as one file
+at the end.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import torch
 from onnx import ModelProto
 from torch import nn
 
-from .._fs import OutputPathError, atomic_write_bytes, check_output_path
+from .._fs import OutputPathError, atomic_write, atomic_write_bytes, check_output_path
 from .._modules import ModuleStateGuard, as_inputs, safe_deepcopy
 from ..errors import ExportError, NumericalMismatchError
 from ..progress import stage
@@ -52,6 +55,7 @@ from ._external import (
     move_into_place,
     save_external,
     staging_dir,
+    write_inline,
 )
 from .export_report import ExportReport
 from .fp16 import (
@@ -79,7 +83,11 @@ from .validate import (
 )
 
 __all__ = ["ExportReport", "ValidationError", "export_onnx", "export_fp32_proto",
-           "EXTERNAL_DATA_THRESHOLD"]
+           "EXTERNAL_DATA_THRESHOLD", "STREAM_THRESHOLD"]
+
+#: Default size above which a model is converted and validated as files with external data
+#: (written as one file when it is within ``external_data_threshold``).
+STREAM_THRESHOLD = 512 * 2 ** 20
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +354,30 @@ class _Staging:
                    if p.exists())
 
 
+def _write_one_file(staged: Path, target: Path, force: bool) -> int:
+    """A staged model with external data written to ``target`` as one file (atomically): each
+    weight streamed from the data file (``onnx.load`` + serialise would hold the weights twice).
+    Models with external tensors outside the top-level initializers take that way."""
+    graph = _graph_only(staged)
+    size = [0]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            try:
+                size[0] = write_inline(graph, staged.parent, fh)
+            except ValueError:
+                fh.seek(0)
+                fh.truncate()
+                data = onnx.load(str(staged)).SerializeToString()
+                fh.write(data)
+                size[0] = len(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    atomic_write(target, write, force=force)
+    return size[0]
+
+
 def _graph_only(path: Path) -> ModelProto:
     """A model saved with external data, loaded without its weights."""
     return onnx.load(str(path), load_external_data=False)
@@ -370,7 +402,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
                 strict: bool = True, node_block_list: Iterable[str] = (),
                 emulate_max_inputs: int | None = 4, emulate_time_budget_s: float | None = 60.0,
                 auto_max_iterations: int = 16, auto_time_budget_s: float | None = 600.0,
-                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> ExportReport:
+                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                stream_threshold: int = STREAM_THRESHOLD) -> ExportReport:
     """Export ``model`` to ONNX (fp16 by default), validate it, write it.
 
     Args:
@@ -405,6 +438,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
         auto_time_budget_s: time budget of the ``"auto"`` search.
         external_data_threshold: a model larger than this (bytes) is written as ``NAME.onnx``
             plus ``NAME.onnx.data``.
+        stream_threshold: a model larger than this (bytes) is converted and validated as
+            files with external data in a temp directory beside the target (bounded memory:
+            the fp16 conversion streams its weights, ONNX Runtime reads them from the file;
+            the ORT check then runs with basic graph optimisations) and, within
+            ``external_data_threshold``, written as one file at the end.
 
     Returns:
         The :class:`ExportReport`.
@@ -462,10 +500,15 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
     runs = [inputs] + calib + [_random_like(inputs, gen) for _ in range(n_random)]
     calib_feeds = feeds_for(input_names, [inputs] + calib)
     external = report.size_before_bytes > external_data_threshold
+    streamed = external or report.size_before_bytes > stream_threshold
     if external:
         report.note(f"the model ({report.size_before_bytes / 1e9:.2f} GB) exceeds "
                     f"external_data_threshold={external_data_threshold}: written with its "
                     f"weights in '{data_file_name(target)}'")
+    elif streamed:
+        report.note(f"the model ({report.size_before_bytes / 1e9:.2f} GB) exceeds "
+                    f"stream_threshold={stream_threshold}: converted and validated as files "
+                    "with external data (bounded memory), written as one file")
     tol = tolerances or (FP16_TOLERANCES if fp16 else FP32_TOLERANCES)
     refs: list[list[Any]] = []
     if validate:
@@ -482,7 +525,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
                                  calibration_ranges=input_ranges(calib_feeds),
                                  output_labels=labels)
 
-    with _maybe_staging(target, external) as directory:
+    with _maybe_staging(target, streamed) as directory:
         staging = _Staging(target, directory)
         proto = staging.keep_fp32(proto, final=not fp16)
         final = proto
@@ -563,6 +606,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
             try:
                 if isinstance(source, bytes):
                     atomic_write_bytes(target, source, force=force)
+                elif not external:   # streamed: one file, each weight copied from the data
+                    report.file_size_bytes = _write_one_file(Path(source), target, force)
                 else:
                     data = move_into_place(Path(source), Path(source).parent / staging.data_name,
                                            target, force=force)
