@@ -19,7 +19,7 @@ Nothing is written until the model is built, checked (``onnx.checker.check_model
 ``validate`` and ``strict``, validated; the write is atomic and an existing file is only
 replaced with ``force=True``. A model larger than ``external_data_threshold`` (default: 2 GiB
 minus a margin, protobuf's limit) is written as ``NAME.onnx`` + ``NAME.onnx.data``
-(:mod:`normswap.export._external`). A model larger than ``stream_threshold`` (default 512 MiB)
+(:mod:`normswap.export._external`). A model larger than ``stream_threshold`` (default 256 MiB)
 but within that limit goes through the same external-data files while it is converted and
 validated, so that no step holds more than one copy of its weights, and is written as one file
 at the end.
@@ -87,7 +87,7 @@ __all__ = ["ExportReport", "ValidationError", "export_onnx", "export_fp32_proto"
 
 #: Default size above which a model is converted and validated as files with external data
 #: (written as one file when it is within ``external_data_threshold``).
-STREAM_THRESHOLD = 512 * 2 ** 20
+STREAM_THRESHOLD = 256 * 2 ** 20
 
 log = logging.getLogger(__name__)
 
