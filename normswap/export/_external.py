@@ -165,10 +165,11 @@ def write_inline(model: ModelProto, base_dir: str | os.PathLike[str], fh, *,
     if any(uses_external_data(t) and id(t) not in external_ids
            for t in _get_all_tensors(model)):
         raise ValueError("an external tensor outside the top-level initializers")
-    entries = []            # (header bytes of the tensor, data path, offset, length)
+    tensors = []    # (tensor bytes without its data, data path, offset, length, body size)
     for t in inits:
         if id(t) not in external_ids:
-            entries.append((t.SerializeToString(), None, 0, 0))
+            header = t.SerializeToString()
+            tensors.append((header, None, 0, 0, len(header)))
             continue
         info = {e.key: e.value for e in t.external_data}
         meta = TensorProto()
@@ -178,17 +179,15 @@ def write_inline(model: ModelProto, base_dir: str | os.PathLike[str], fh, *,
         count = int(np.prod(t.dims, dtype=np.int64))
         length = int(info.get("length", count * helper.tensor_dtype_to_np_dtype(
             t.data_type).itemsize))
-        entries.append((meta.SerializeToString(), os.path.join(base_dir, info["location"]),
-                        int(info.get("offset", 0)), length))
+        header = meta.SerializeToString()
+        body = len(header) + len(_field(_RAW_DATA_FIELD, length)) + length
+        tensors.append((header, os.path.join(base_dir, info["location"]),
+                        int(info.get("offset", 0)), length, body))
     rest = ModelProto()
     rest.CopyFrom(model)
     rest.graph.ClearField("initializer")
     graph_rest = rest.graph.SerializeToString()
     rest.ClearField("graph")
-    tensors = []
-    for header, path, offset, length in entries:
-        body = len(header) + (len(_field(_RAW_DATA_FIELD, length)) + length if path else 0)
-        tensors.append((header, path, offset, length, body))
     graph_len = len(graph_rest) + sum(len(_field(_INITIALIZER_FIELD, b)) + b
                                       for *_, b in tensors)
     written = 0

@@ -555,18 +555,15 @@ def _run_ort(onnx_model: bytes | str, provider: str, feeds: Sequence[Mapping[str
         # priority-based order runs each next to its consumer (1.5x). Same kernels, same
         # results.
         opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    try:
-        sess = ort.InferenceSession(onnx_model, opts, providers=[provider])
-    except Exception as exc:  # noqa: BLE001 - recorded as a failed verdict
-        if opts.execution_order == ort.ExecutionOrder.DEFAULT:
-            ev.errors.append(f"could not create a session: {exc}")
-            return
-        opts.execution_order = ort.ExecutionOrder.DEFAULT     # retry with ORT's own order
+    while True:
         try:
             sess = ort.InferenceSession(onnx_model, opts, providers=[provider])
-        except Exception as exc2:  # noqa: BLE001 - recorded as a failed verdict
-            ev.errors.append(f"could not create a session: {exc2}")
-            return
+            break
+        except Exception as exc:  # noqa: BLE001 - recorded as a failed verdict
+            if opts.execution_order == ort.ExecutionOrder.DEFAULT:
+                ev.errors.append(f"could not create a session: {exc}")
+                return
+            opts.execution_order = ort.ExecutionOrder.DEFAULT  # retry with ORT's own order
     if provider not in sess.get_providers():
         ev.errors.append(f"not used by the session ({sess.get_providers()})")
         return

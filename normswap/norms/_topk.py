@@ -34,8 +34,9 @@ def group_extrema(xw: Tensor, cdim: int, by_rows: bool) -> tuple[Tensor, Tensor,
 
     One fused pass where :mod:`._cpu_kernels` takes the tensor (the tables are float32 then).
     """
-    if fused.usable(_as_nc(xw, cdim)):
-        return fused.group_extrema(_as_nc(xw, cdim), by_rows)
+    nc = _as_nc(xw, cdim)
+    if fused.usable(nc):
+        return fused.group_extrema(nc, by_rows)
     mu = xw.mean(view_reduce_dims(cdim), dtype=stats_dtype(xw.dtype))
     if by_rows:
         rdim = 2 if cdim == 1 else 1
@@ -75,10 +76,11 @@ def select_topk(xw: Tensor, cdim: int, mu: Tensor, k: int,
         gabs = gabs.contiguous()  # (C, N) from a transposed view; topk is ~3x faster on rows
     if by_rows and R == 1:  # every group is one element: the groups are the answer
         return gabs.topk(k, dim=1)
-    if not by_rows and mu.dtype == torch.float32 and fused.usable(_as_nc(xw, cdim)):
+    nc = _as_nc(xw, cdim)
+    if not by_rows and mu.dtype == torch.float32 and fused.usable(nc):
         # fused: the k best positions, then the top-k among their N*k members, one pass each
         top_g = fused.topk_rows(gabs.t().contiguous(), torch.zeros_like(mu), k)[1]
-        return fused.topk_members(_as_nc(xw, cdim), mu, top_g, k)
+        return fused.topk_members(nc, mu, top_g, k)
     top_g = gabs.topk(k, dim=1).indices                      # (C, k) best groups per channel
     c_i = torch.arange(C, device=xw.device)[:, None]
     if by_rows:      # groups are batch rows: members (C, k, R)

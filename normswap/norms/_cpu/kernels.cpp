@@ -108,6 +108,29 @@ inline void split(int64_t total, int nt, int t, int64_t* b, int64_t* e) {
   *e = *b + q + (t < r ? 1 : 0);
 }
 
+inline int thread_num() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Insert key v (position p) into a descending k-list; ties keep the earlier entry first.
+inline void klist_insert(float* key, int64_t* pos, int64_t k, float v, int64_t p) {
+  int64_t i = k - 1;
+  while (i > 0 && key[i - 1] < v) { key[i] = key[i - 1]; pos[i] = pos[i - 1]; --i; }
+  key[i] = v; pos[i] = p;
+}
+
+// f(layout) for the dtype code: each kernel is instantiated for the three element types.
+template <class F>
+void by_dtype(int dt, F&& f) {
+  if (dt == F32) f(LF32{});
+  else if (dt == F16) f(LF16{});
+  else f(LBF16{});
+}
+
 inline int threads_for(int64_t units, int nt) {
   if (nt < 1) nt = 1;
   return (int)(units < nt ? (units < 1 ? 1 : units) : nt);
@@ -125,11 +148,7 @@ void stats(const typename L::T* x, const typename L::T* g, const float* mu, int6
   std::vector<double> part((size_t)nt * 2 * C, 0.0);
 #pragma omp parallel num_threads(nt)
   {
-#ifdef _OPENMP
-    int t = omp_get_thread_num();
-#else
-    int t = 0;
-#endif
+    int t = thread_num();
     int64_t u0, u1;
     split(units, nt, t, &u0, &u1);
     double* pa = part.data() + (size_t)t * 2 * C;
@@ -235,11 +254,7 @@ void pointwise(const typename L::T* g, const typename L::T* x, typename L::T* ou
   nt = threads_for(units, nt);
 #pragma omp parallel num_threads(nt)
   {
-#ifdef _OPENMP
-    int t = omp_get_thread_num();
-#else
-    int t = 0;
-#endif
+    int t = thread_num();
     int64_t u0, u1;
     split(units, nt, t, &u0, &u1);
     if (rows) {
@@ -315,11 +330,7 @@ void extrema(const typename L::T* x, int64_t N, int64_t C, int64_t R, int cdim, 
   std::vector<double> part((size_t)nt * C, 0.0);
 #pragma omp parallel num_threads(nt)
   {
-#ifdef _OPENMP
-    int t = omp_get_thread_num();
-#else
-    int t = 0;
-#endif
+    int t = thread_num();
     int64_t u0, u1;
     split(units, nt, t, &u0, &u1);
     double* ps = part.data() + (size_t)t * C;
@@ -457,11 +468,7 @@ void topk_rows(const typename L::T* x, const float* mu, int64_t N, int64_t C, in
   nt = threads_for((C + 7) / 8, nt);
 #pragma omp parallel num_threads(nt)
   {
-#ifdef _OPENMP
-    int t = omp_get_thread_num();
-#else
-    int t = 0;
-#endif
+    int t = thread_num();
     int64_t b0, b1;
     split((C + 7) / 8, nt, t, &b0, &b1);
     int64_t c0 = b0 * 8, c1 = b1 * 8 < C ? b1 * 8 : C;
@@ -470,12 +477,8 @@ void topk_rows(const typename L::T* x, const float* mu, int64_t N, int64_t C, in
       std::vector<float> key((size_t)(w * k), -1.f), thr((size_t)w, -1.f);
       std::vector<int64_t> pos((size_t)(w * k), 0);
       auto insert = [&](int64_t j, float v, int64_t n) {   // j: channel within the block
-        float* kk = &key[(size_t)(j * k)];
-        int64_t* pp = &pos[(size_t)(j * k)];
-        int64_t i = k - 1;
-        while (i > 0 && kk[i - 1] < v) { kk[i] = kk[i - 1]; pp[i] = pp[i - 1]; --i; }
-        kk[i] = v; pp[i] = n;
-        thr[j] = kk[k - 1];
+        klist_insert(&key[(size_t)(j * k)], &pos[(size_t)(j * k)], k, v, n);
+        thr[j] = key[(size_t)(j * k + k - 1)];
       };
       for (int64_t n = 0; n < N; ++n) {
         const T* xr = x + n * C;
@@ -522,11 +525,7 @@ void topk_members(const typename L::T* x, const float* mu, int64_t N, int64_t C,
   nt = threads_for(C, nt);
 #pragma omp parallel num_threads(nt)
   {
-#ifdef _OPENMP
-    int t = omp_get_thread_num();
-#else
-    int t = 0;
-#endif
+    int t = thread_num();
     int64_t c0, c1;
     split(C, nt, t, &c0, &c1);
     std::vector<float> key((size_t)k);
@@ -541,11 +540,7 @@ void topk_members(const typename L::T* x, const float* mu, int64_t N, int64_t C,
           int64_t off = cdim == 2 ? (n * R + r) * C + c : (n * C + c) * R + r;
           float a = fabsf(L::ld1(x + off) - m);
           if (a != a) a = INFINITY;
-          if (a > key[k - 1]) {
-            int64_t i = k - 1;
-            while (i > 0 && key[i - 1] < a) { key[i] = key[i - 1]; pos[i] = pos[i - 1]; --i; }
-            key[i] = a; pos[i] = n * R + r;
-          }
+          if (a > key[k - 1]) klist_insert(key.data(), pos.data(), k, a, n * R + r);
         }
       }
       for (int64_t i = 0; i < k; ++i) {
@@ -566,11 +561,7 @@ void topk_planes(const typename L::T* x, const float* mu, int64_t N, int64_t C, 
   nt = threads_for(C, nt);
 #pragma omp parallel num_threads(nt)
   {
-#ifdef _OPENMP
-    int t = omp_get_thread_num();
-#else
-    int t = 0;
-#endif
+    int t = thread_num();
     int64_t c0, c1;
     split(C, nt, t, &c0, &c1);
     std::vector<float> key((size_t)k);
@@ -580,9 +571,7 @@ void topk_planes(const typename L::T* x, const float* mu, int64_t N, int64_t C, 
       std::fill(pos.begin(), pos.end(), 0);
       float m = mu[c], thr = -1.f;
       auto insert = [&](float v, int64_t f) {
-        int64_t i = k - 1;
-        while (i > 0 && key[i - 1] < v) { key[i] = key[i - 1]; pos[i] = pos[i - 1]; --i; }
-        key[i] = v; pos[i] = f;
+        klist_insert(key.data(), pos.data(), k, v, f);
         thr = key[k - 1];
       };
       for (int64_t n = 0; n < N; ++n) {
@@ -617,52 +606,6 @@ void topk_planes(const typename L::T* x, const float* mu, int64_t N, int64_t C, 
   }
 }
 
-template <int MODE>
-void stats_dispatch(int dt, const void* x, const void* g, const float* mu, int64_t N, int64_t C,
-                    int64_t R, int cdim, double* a, double* b, int nt) {
-  if (dt == F32) stats<LF32, MODE>((const float*)x, (const float*)g, mu, N, C, R, cdim, a, b, nt);
-  else if (dt == F16) stats<LF16, MODE>((const uint16_t*)x, (const uint16_t*)g, mu, N, C, R, cdim, a, b, nt);
-  else stats<LBF16, MODE>((const uint16_t*)x, (const uint16_t*)g, mu, N, C, R, cdim, a, b, nt);
-}
-
-template <int MODE>
-void pointwise_dispatch(int dt, const void* g, const void* x, void* out, const float* mu,
-                        const float* a, const float* b, const float* k, int64_t N, int64_t C,
-                        int64_t R, int cdim, int nt) {
-  if (dt == F32) pointwise<LF32, MODE>((const float*)g, (const float*)x, (float*)out, mu, a, b, k, N, C, R, cdim, nt);
-  else if (dt == F16) pointwise<LF16, MODE>((const uint16_t*)g, (const uint16_t*)x, (uint16_t*)out, mu, a, b, k, N, C, R, cdim, nt);
-  else pointwise<LBF16, MODE>((const uint16_t*)g, (const uint16_t*)x, (uint16_t*)out, mu, a, b, k, N, C, R, cdim, nt);
-}
-
-void extrema_dispatch(int dt, const void* x, int64_t N, int64_t C, int64_t R, int cdim,
-                      int by_rows, double* sum, float* gmax, float* gmin, int nt) {
-  if (dt == F32) extrema<LF32>((const float*)x, N, C, R, cdim, by_rows, sum, gmax, gmin, nt);
-  else if (dt == F16) extrema<LF16>((const uint16_t*)x, N, C, R, cdim, by_rows, sum, gmax, gmin, nt);
-  else extrema<LBF16>((const uint16_t*)x, N, C, R, cdim, by_rows, sum, gmax, gmin, nt);
-}
-
-void topk_dispatch(int dt, const void* x, const float* mu, int64_t N, int64_t C, int64_t k,
-                   float* vals, int64_t* idx, int nt) {
-  if (dt == F32) topk_rows<LF32>((const float*)x, mu, N, C, k, vals, idx, nt);
-  else if (dt == F16) topk_rows<LF16>((const uint16_t*)x, mu, N, C, k, vals, idx, nt);
-  else topk_rows<LBF16>((const uint16_t*)x, mu, N, C, k, vals, idx, nt);
-}
-
-void members_dispatch(int dt, const void* x, const float* mu, int64_t N, int64_t C, int64_t R,
-                      int cdim, const int64_t* groups, int64_t kg, int64_t k, float* vals,
-                      int64_t* flat, int nt) {
-  if (dt == F32) topk_members<LF32>((const float*)x, mu, N, C, R, cdim, groups, kg, k, vals, flat, nt);
-  else if (dt == F16) topk_members<LF16>((const uint16_t*)x, mu, N, C, R, cdim, groups, kg, k, vals, flat, nt);
-  else topk_members<LBF16>((const uint16_t*)x, mu, N, C, R, cdim, groups, kg, k, vals, flat, nt);
-}
-
-void planes_dispatch(int dt, const void* x, const float* mu, int64_t N, int64_t C, int64_t R,
-                     int64_t k, float* vals, int64_t* idx, int nt) {
-  if (dt == F32) topk_planes<LF32>((const float*)x, mu, N, C, R, k, vals, idx, nt);
-  else if (dt == F16) topk_planes<LF16>((const uint16_t*)x, mu, N, C, R, k, vals, idx, nt);
-  else topk_planes<LBF16>((const uint16_t*)x, mu, N, C, R, k, vals, idx, nt);
-}
-
 }  // namespace
 
 extern "C" {
@@ -680,44 +623,68 @@ int ns_openmp(void) {
 // sum x per channel -> out (C doubles).
 void ns_channel_sum(int dt, const void* x, int64_t N, int64_t C, int64_t R, int cdim, double* out,
                     int nt) {
-  stats_dispatch<0>(dt, x, nullptr, nullptr, N, C, R, cdim, out, nullptr, nt);
+  by_dtype(dt, [&](auto l) {
+    using L = decltype(l);
+    stats<L, 0>((const typename L::T*)x, nullptr, nullptr, N, C, R, cdim, out, nullptr, nt);
+  });
 }
 
 // sum sign(x - mu) -> sign_sum, sum |x - mu| -> abs_sum (C doubles each).
 void ns_l1_sums(int dt, const void* x, const float* mu, int64_t N, int64_t C, int64_t R, int cdim,
                 double* sign_sum, double* abs_sum, int nt) {
-  stats_dispatch<1>(dt, x, nullptr, mu, N, C, R, cdim, sign_sum, abs_sum, nt);
+  by_dtype(dt, [&](auto l) {
+    using L = decltype(l);
+    stats<L, 1>((const typename L::T*)x, nullptr, mu, N, C, R, cdim, sign_sum, abs_sum, nt);
+  });
 }
 
 // sum g -> g_sum, sum g * (x - mu) -> gd_sum (C doubles each).
 void ns_gradient_sums(int dt, const void* g, const void* x, const float* mu, int64_t N, int64_t C,
                       int64_t R, int cdim, double* g_sum, double* gd_sum, int nt) {
-  stats_dispatch<2>(dt, x, g, mu, N, C, R, cdim, g_sum, gd_sum, nt);
+  by_dtype(dt, [&](auto l) {
+    using L = decltype(l);
+    using T = typename L::T;
+    stats<L, 2>((const T*)x, (const T*)g, mu, N, C, R, cdim, g_sum, gd_sum, nt);
+  });
 }
 
 // out = (x - mu) * a + b.
 void ns_affine(int dt, const void* x, void* out, const float* mu, const float* a, const float* b,
                int64_t N, int64_t C, int64_t R, int cdim, int nt) {
-  pointwise_dispatch<0>(dt, nullptr, x, out, mu, a, b, nullptr, N, C, R, cdim, nt);
+  by_dtype(dt, [&](auto l) {
+    using L = decltype(l);
+    using T = typename L::T;
+    pointwise<L, 0>(nullptr, (const T*)x, (T*)out, mu, a, b, nullptr, N, C, R, cdim, nt);
+  });
 }
 
 // dx = a * g + b - k * sign(x - mu).
 void ns_l1_input_gradient(int dt, const void* g, const void* x, void* dx, const float* mu,
                           const float* a, const float* b, const float* k, int64_t N, int64_t C,
                           int64_t R, int cdim, int nt) {
-  pointwise_dispatch<1>(dt, g, x, dx, mu, a, b, k, N, C, R, cdim, nt);
+  by_dtype(dt, [&](auto l) {
+    using L = decltype(l);
+    using T = typename L::T;
+    pointwise<L, 1>((const T*)g, (const T*)x, (T*)dx, mu, a, b, k, N, C, R, cdim, nt);
+  });
 }
 
 // Per-channel sum of x and group max/min tables (see extrema above).
 void ns_group_extrema(int dt, const void* x, int64_t N, int64_t C, int64_t R, int cdim,
                       int by_rows, double* sum, float* gmax, float* gmin, int nt) {
-  extrema_dispatch(dt, x, N, C, R, cdim, by_rows, sum, gmax, gmin, nt);
+  by_dtype(dt, [&](auto l) {
+    using L = decltype(l);
+    extrema<L>((const typename L::T*)x, N, C, R, cdim, by_rows, sum, gmax, gmin, nt);
+  });
 }
 
 // Per-channel top-k of |x - mu| of an (N, C) tensor: vals (C, k) descending, idx (C, k) rows.
 void ns_topk_rows(int dt, const void* x, const float* mu, int64_t N, int64_t C, int64_t k,
                   float* vals, int64_t* idx, int nt) {
-  topk_dispatch(dt, x, mu, N, C, k, vals, idx, nt);
+  by_dtype(dt, [&](auto l) {
+    using L = decltype(l);
+    topk_rows<L>((const typename L::T*)x, mu, N, C, k, vals, idx, nt);
+  });
 }
 
 // Per-channel top-k of |x - mu| over the elements at the positions groups (C, kg) of every
@@ -725,14 +692,20 @@ void ns_topk_rows(int dt, const void* x, const float* mu, int64_t N, int64_t C, 
 void ns_topk_members(int dt, const void* x, const float* mu, int64_t N, int64_t C, int64_t R,
                      int cdim, const int64_t* groups, int64_t kg, int64_t k, float* vals,
                      int64_t* flat, int nt) {
-  members_dispatch(dt, x, mu, N, C, R, cdim, groups, kg, k, vals, flat, nt);
+  by_dtype(dt, [&](auto l) {
+    using L = decltype(l);
+    topk_members<L>((const typename L::T*)x, mu, N, C, R, cdim, groups, kg, k, vals, flat, nt);
+  });
 }
 
 // Per-channel top-k of |x - mu| of an (N, C, R) tensor of planes: vals (C, k) descending,
 // idx (C, k) flat n * R + r; 1 <= k <= N * R.
 void ns_topk_planes(int dt, const void* x, const float* mu, int64_t N, int64_t C, int64_t R,
                     int64_t k, float* vals, int64_t* idx, int nt) {
-  planes_dispatch(dt, x, mu, N, C, R, k, vals, idx, nt);
+  by_dtype(dt, [&](auto l) {
+    using L = decltype(l);
+    topk_planes<L>((const typename L::T*)x, mu, N, C, R, k, vals, idx, nt);
+  });
 }
 
 }  // extern "C"
