@@ -564,6 +564,8 @@ def _run_ort(onnx_model: bytes | str, provider: str, feeds: Sequence[Mapping[str
                 ev.errors.append(f"could not create a session: {exc}")
                 return
             opts.execution_order = ort.ExecutionOrder.DEFAULT  # retry with ORT's own order
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            suffix += f" (the priority-based execution order was refused: {why}; ORT's default)"
     if provider not in sess.get_providers():
         ev.errors.append(f"not used by the session ({sess.get_providers()})")
         return

@@ -104,6 +104,8 @@ def test_cpu_validation_runs_each_weight_cast_next_to_its_consumer(tmp_path: Pat
                          external_data_threshold=10_000)
     assert report.passed is True
     assert made[-2:] == [ort.ExecutionOrder.PRIORITY_BASED, ort.ExecutionOrder.DEFAULT]
+    cpu = next(e for e in report.validation.evaluators if "CPUExecutionProvider" in e.name)
+    assert "priority-based execution order was refused" in cpu.description   # in the report
     refuse["priority"] = False
     made.clear()
     report = export_onnx(model, x, tmp_path / "b.onnx", fp16=True)
